@@ -1,0 +1,70 @@
+"""How people and other `lab` commands reach a running lab: state.json, ssh_config, known_hosts."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from lab.errors import UsageError
+from lab.procs import Registry, alive
+
+
+@dataclass
+class LevelAccess:
+    name: str
+    port: int  # on 127.0.0.1 of the parent (the host for l0)
+    via: str | None  # the parent level, for ProxyJump / direct-tcpip
+    host_key: str
+
+
+def write_ssh_files(run_dir: Path, key_file: Path, levels: list[LevelAccess]) -> None:
+    known = "".join(f"lab-{lv.name} {lv.host_key}\n" for lv in levels)
+    (run_dir / "known_hosts").write_text(known)
+    lines = [f"# Written by `lab` for {run_dir}.  Use: ssh -F {run_dir}/ssh_config l0", ""]
+    for lv in levels:
+        lines += [f"Host {lv.name}", "    HostName 127.0.0.1", f"    Port {lv.port}",
+                  f"    HostKeyAlias lab-{lv.name}"]
+        if lv.via:
+            # The child's port is on the parent's loopback: jump through the parent.
+            lines.append(f"    ProxyJump {lv.via}")
+        lines.append("")
+    lines += ["Host *", "    User root", f"    IdentityFile {key_file}", "    IdentitiesOnly yes",
+              f"    UserKnownHostsFile {run_dir}/known_hosts", "    GlobalKnownHostsFile /dev/null",
+              "    StrictHostKeyChecking yes", "    PasswordAuthentication no",
+              "    ConnectTimeout 30", "    LogLevel ERROR", ""]
+    (run_dir / "ssh_config").write_text("\n".join(lines))
+
+
+def write_state(run_dir: Path, state: dict[str, Any]) -> None:
+    tmp = run_dir / "state.json.tmp"
+    tmp.write_text(json.dumps(state, indent=1))
+    os.replace(tmp, run_dir / "state.json")
+
+
+def read_state(run_dir: Path) -> dict[str, Any]:
+    p = run_dir / "state.json"
+    try:
+        state: dict[str, Any] = json.loads(p.read_text())
+    except FileNotFoundError:
+        raise UsageError(f"{run_dir}: no state.json: not a lab run directory") from None
+    except ValueError as e:
+        raise UsageError(f"{p}: unreadable: {e}") from None
+    return state
+
+
+def find_run(run: str | None) -> Path:
+    """The run directory to act on: --run, else the most recent lab that is up."""
+    if run:
+        d = Path(run).resolve()
+        if not (d / "state.json").exists():
+            raise UsageError(f"--run {run}: no state.json there: not a lab run directory")
+        return d
+    live = [r for r in Registry().records() if alive(int(r.get("owner_pid", 0)))]
+    live = [r for r in live if r.get("up")]
+    if not live:
+        raise UsageError("no lab is up; start one with `lab up PLAYBOOK` or give --run DIR")
+    live.sort(key=lambda r: float(r.get("started", 0)))
+    return Path(live[-1]["run_dir"])

@@ -1,0 +1,209 @@
+"""A level's serial console: logged in full, watched for crashes, waited on for boot markers.
+
+pexpect (fdpexpect on the console's socket) splits the stream into lines on a reader thread;
+each line is timestamped, written to the run directory's log (raw bytes go to the log as they
+came), and checked for a kernel crash. A crash is noticed the moment its first line arrives, so
+the lab fails fast instead of waiting out a timeout.
+"""
+
+from __future__ import annotations
+
+import re
+import socket
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import pexpect
+from pexpect import fdpexpect
+
+from lab.errors import BootError, GuestCrash, VMDied
+
+
+class ConsoleTimeout(BootError):
+    """The awaited line did not come in time (the console is still open)."""
+
+
+# Order matters: the first pattern that matches names the crash.
+CRASH_PATTERNS: list[tuple[str, re.Pattern[str]]] = [
+    ("KASAN", re.compile(r"BUG: KASAN: ")),
+    ("panic", re.compile(r"Kernel panic - not syncing")),
+    ("BUG", re.compile(r"(?:^|\] |\s)BUG: ")),
+    ("Oops", re.compile(r"(?:^|\] |\s)Oops: ")),
+    ("WARNING", re.compile(r"WARNING: CPU: \d+ PID: \d+ at ")),
+    ("general protection fault", re.compile(r"general protection fault")),
+]
+
+EXCERPT_BEFORE = 5
+EXCERPT_AFTER = 60
+MAX_LINES = 20000
+
+
+def classify(line: str) -> str | None:
+    """The kind of kernel crash a console line starts, or None."""
+    for kind, rx in CRASH_PATTERNS:
+        if rx.search(line):
+            return kind
+    return None
+
+
+@dataclass
+class Line:
+    t: float  # time.monotonic() when it arrived
+    text: str
+
+
+@dataclass
+class Crash:
+    kind: str
+    index: int  # into Console.lines
+    t: float
+    line: str
+
+
+class Console:
+    def __init__(self, level: str, log_path: Path) -> None:
+        self.level = level
+        self.log_path = log_path
+        self.lines: list[Line] = []
+        self.first_output: float | None = None
+        self.crash: Crash | None = None
+        self.closed = False
+        self._cond = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self._sock: socket.socket | None = None
+        self._on_crash: list[Callable[[Console], None]] = []
+        self._log = open(log_path, "ab")  # noqa: SIM115 (lives as long as the console)
+
+    def on_crash(self, callback: Callable[[Console], None]) -> None:
+        self._on_crash.append(callback)
+
+    # -- attaching -------------------------------------------------------------------------
+    def attach_unix(self, path: str, deadline: float) -> None:
+        last: OSError | None = None
+        while time.monotonic() < deadline:
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                s.connect(path)
+            except OSError as e:
+                s.close()
+                last = e
+                time.sleep(0.02)
+                continue
+            self._start(s)
+            return
+        raise BootError(f"{self.level}: console socket {path} did not open: {last}",
+                        level=self.level)
+
+    def _start(self, sock: socket.socket) -> None:
+        self._sock = sock
+        child = fdpexpect.fdspawn(sock.fileno(), timeout=1, encoding=None)
+        child.logfile_read = self._log
+        self._thread = threading.Thread(target=self._reader, args=(child,),
+                                        name=f"console-{self.level}", daemon=True)
+        self._thread.start()
+
+    def _reader(self, child: fdpexpect.fdspawn) -> None:
+        while True:
+            try:
+                idx = child.expect([b"\n", pexpect.TIMEOUT, pexpect.EOF], timeout=0.5)
+            except (OSError, ValueError):
+                idx = 2
+            if idx == 0:
+                self._line(child.before)
+            elif idx == 2:
+                rest = child.before if isinstance(child.before, bytes) else b""
+                if rest:
+                    self._line(rest)
+                break
+        self._log.flush()
+        with self._cond:
+            self.closed = True
+            self._cond.notify_all()
+
+    def _line(self, raw: bytes) -> None:
+        text = raw.decode(errors="replace").rstrip("\r")
+        now = time.monotonic()
+        callbacks: list[Callable[[Console], None]] = []
+        with self._cond:
+            if self.first_output is None:
+                self.first_output = now
+            self.lines.append(Line(now, text))
+            if len(self.lines) > MAX_LINES:  # keep memory bounded; the log file has it all
+                drop = len(self.lines) - MAX_LINES
+                del self.lines[:drop]
+                if self.crash:
+                    self.crash.index = max(0, self.crash.index - drop)
+            if self.crash is None:
+                kind = classify(text)
+                if kind:
+                    self.crash = Crash(kind, len(self.lines) - 1, now, text.strip())
+                    callbacks = list(self._on_crash)
+            self._cond.notify_all()
+        self._log.flush()
+        for cb in callbacks:
+            cb(self)
+
+    # -- reading ---------------------------------------------------------------------------
+    def wait_for(self, pattern: str, timeout: float, since: int = 0,
+                 abort: Callable[[], None] | None = None) -> tuple[int, Line]:
+        """Wait for a line matching `pattern` (at index >= since); fail fast on a crash."""
+        rx = re.compile(pattern)
+        deadline = time.monotonic() + timeout
+        pos = since
+        with self._cond:
+            while True:
+                while pos < len(self.lines):
+                    if rx.search(self.lines[pos].text):
+                        return pos, self.lines[pos]
+                    pos += 1
+                if self.crash:
+                    raise self.crash_error(settle=0)
+                if abort:
+                    abort()
+                if self.closed:
+                    raise VMDied(f"{self.level}: console closed while waiting for {pattern!r}"
+                                 f"; last lines:\n{self.tail()}", level=self.level)
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise ConsoleTimeout(f"{self.level}: no {pattern!r} on the console within "
+                                    f"{timeout:.0f} s; last lines:\n{self.tail()}",
+                                    level=self.level, detail=self.tail())
+                self._cond.wait(min(left, 0.2))
+
+    def tail(self, n: int = 15) -> str:
+        return "\n".join(ln.text for ln in self.lines[-n:])
+
+    def settle(self, quiet: float = 1.0, limit: float = 3.0) -> None:
+        """Let a crash report finish arriving: until `quiet` s without output, `limit` at most."""
+        end = time.monotonic() + limit
+        with self._cond:
+            while time.monotonic() < end and not self.closed:
+                last = self.lines[-1].t if self.lines else 0.0
+                if time.monotonic() - last >= quiet:
+                    break
+                self._cond.wait(0.1)
+
+    def crash_error(self, settle: float = 3.0) -> GuestCrash:
+        assert self.crash is not None
+        if settle:
+            self.settle(limit=settle)
+        c = self.crash
+        lines = self.lines[max(0, c.index - EXCERPT_BEFORE):c.index + EXCERPT_AFTER]
+        excerpt = "\n".join(ln.text for ln in lines)
+        return GuestCrash(self.level, f"{c.kind}: {c.line}", excerpt, str(self.log_path))
+
+    def close(self) -> None:
+        if self._sock is not None:
+            try:
+                self._sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+        self._log.close()

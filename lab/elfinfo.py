@@ -1,0 +1,39 @@
+"""Just enough ELF reading to get a kernel module's .modinfo (name, depends, vermagic)."""
+
+from __future__ import annotations
+
+import struct
+from pathlib import Path
+
+
+def _section(data: bytes, wanted: str) -> bytes | None:
+    if data[:4] != b"\x7fELF" or data[4] != 2:  # ELFCLASS64 only: x86_64 modules
+        raise ValueError("not a 64-bit ELF file")
+    e_shoff, = struct.unpack_from("<Q", data, 0x28)
+    e_shentsize, e_shnum, e_shstrndx = struct.unpack_from("<HHH", data, 0x3A)
+
+    def sh(i: int) -> tuple[int, int, int]:
+        base = e_shoff + i * e_shentsize
+        name, = struct.unpack_from("<I", data, base)
+        offset, size = struct.unpack_from("<QQ", data, base + 0x18)
+        return name, offset, size
+
+    _, stroff, strsize = sh(e_shstrndx)
+    names = data[stroff:stroff + strsize]
+    for i in range(e_shnum):
+        name_off, offset, size = sh(i)
+        end = names.index(b"\0", name_off)
+        if names[name_off:end].decode() == wanted:
+            return data[offset:offset + size]
+    return None
+
+
+def modinfo(path: Path) -> dict[str, str]:
+    """The key=value strings of a module's .modinfo section (last value wins for repeats)."""
+    sec = _section(path.read_bytes(), ".modinfo")
+    info: dict[str, str] = {}
+    for item in (sec or b"").split(b"\0"):
+        key, sep, value = item.decode(errors="replace").partition("=")
+        if sep:
+            info[key] = value
+    return info

@@ -1,0 +1,377 @@
+"""The lab: builds the images of a topology, boots L0 on the host and each child inside its
+parent, watches every console, holds an SSH session to every level, runs the steps, reports.
+
+The parts (QemuVM, Console, SSHSession, Builder) know nothing of each other; this module is
+where they meet.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import os
+import secrets
+import shutil
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from lab import access, procs
+from lab.console import Console, ConsoleTimeout
+from lab.errors import (
+    EXIT_USAGE,
+    BootError,
+    LabError,
+    LaunchError,
+    SSHError,
+    VMDied,
+)
+from lab.image import Builder, BuiltImage, load_recipe
+from lab.keys import client_key
+from lab.playbook import Level, Playbook
+from lab.profiles import Profile
+from lab.qemu import QemuVM, Serial, VMSpec, free_port, shell_command
+from lab.report import Report, StepResult
+from lab.ssh import SSHSession
+
+CHILD_SSH_PORT = 10022  # on the parent's loopback; each parent is its own machine
+MARK_INIT = r"LAB-INIT: start"
+MARK_READY = r"LAB-INIT: ready"
+
+
+@dataclass
+class LevelState:
+    level: Level
+    image: BuiltImage | None = None
+    console: Console | None = None
+    ssh: SSHSession | None = None
+    ssh_port: int = 0
+    spec: VMSpec | None = None
+    timeline: dict[str, float] = field(default_factory=dict)
+
+
+class Lab:
+    def __init__(self, playbook: Playbook, run_dir: Path, profile: Profile, cache: Path,
+                 kernel_tree: Path | None = None, hold: bool = False,
+                 log: Callable[[str], None] = print) -> None:
+        self.pb = playbook
+        self.run_dir = run_dir
+        self.profile = profile
+        self.cache = cache
+        self.kernel_tree = kernel_tree
+        self.hold = hold
+        self.log = log
+        self.id = f"{datetime.datetime.now():%Y%m%d-%H%M%S}-{secrets.token_hex(3)}"
+        self.t0 = time.monotonic()
+        self.levels = {name: LevelState(lv) for name, lv in playbook.levels.items()}
+        self.vm: QemuVM | None = None
+        self.gdb_port: int | None = None
+        self.registry = procs.Registry()
+        # Unix socket paths are limited to 108 bytes: keep sockets in a short private dir.
+        self.sock_dir = Path(tempfile.mkdtemp(prefix="s-", dir=procs.runtime_dir()))
+        self._crashed: Console | None = None
+        self._crash_lock = threading.Lock()
+        self.key_file, _ = client_key(cache)
+        self.report = Report(playbook=str(playbook.path), name=playbook.name,
+                             run_dir=str(run_dir), profile=profile.name,
+                             started=datetime.datetime.now().isoformat(timespec="seconds"))
+        self.up = False
+
+    # -- lifecycle -------------------------------------------------------------------------
+    def __enter__(self) -> Lab:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self._register()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.teardown()
+
+    def _register(self, up: bool = False) -> None:
+        pids = [self.vm.pid] if self.vm and self.vm.pid else []
+        self.registry.write(self.id, {
+            "id": self.id, "owner_pid": os.getpid(), "sock_dir": str(self.sock_dir),
+            "pids": pids, "run_dir": str(self.run_dir), "up": up, "started": time.time()})
+
+    def now(self) -> float:
+        return round(time.monotonic() - self.t0, 3)
+
+    # -- failure detection -----------------------------------------------------------------
+    def _on_crash(self, console: Console) -> None:
+        with self._crash_lock:
+            if self._crashed is None:
+                self._crashed = console
+                self.log(f"{console.level}: kernel crash on the console: "
+                         f"{console.crash.line if console.crash else ''}")
+
+    def check(self) -> None:
+        """Raise at once if a level crashed or L0's QEMU is gone."""
+        if self._crashed is not None:
+            raise self._crashed.crash_error()
+        if self.vm is not None and self.vm.proc is not None and self.vm.proc.poll() is not None:
+            # QEMU exits on a panic (panic=-1, -no-reboot): let the console tell why.
+            for st in self.levels.values():
+                if st.console:
+                    st.console.settle(quiet=0.5, limit=2.0)
+            if self._crashed is not None:
+                raise self._crashed.crash_error()
+            self.vm.check_alive()
+
+    # -- build -----------------------------------------------------------------------------
+    def build(self) -> None:
+        builder = Builder(self.cache, log=self.log)
+        child: BuiltImage | None = None
+        # Deepest level first: a parent's image carries its child's kernel and initramfs.
+        for name in reversed(list(self.levels)):
+            st = self.levels[name]
+            tree = self.kernel_tree if name == "l0" else None
+            recipe = load_recipe(st.level.recipe, kernel_tree=tree)
+            st.image = builder.build(recipe, child=child)
+            child = st.image
+            self.report.levels[name] = {
+                "image": st.image.dir.name, "kernel": st.image.manifest["kernel"],
+                "memory_mb": st.level.memory_mb, "cpus": st.level.cpus, "timeline": {}}
+
+    # -- boot ------------------------------------------------------------------------------
+    def _append(self, lv: Level, nested: bool) -> str:
+        params: dict[str, dict[str, str]] = {
+            self.profile.kvm_module: {"nested": "1", self.profile.tdp_param: "1"}}
+        for mod, ps in lv.modules.items():
+            params.setdefault(mod, {}).update(ps)
+        words = ["console=ttyS0", "nokaslr", "panic=-1", f"lab.level={lv.name}"]
+        if nested:
+            # Every byte on a nested console is a VM exit through the levels above: print
+            # warnings and worse only (loglevel 5 still shows WARNING, BUG, Oops, panic).
+            words.append("loglevel=5")
+        words += [f"{m}.{p}={v}" for m, ps in params.items() for p, v in ps.items()]
+        if lv.append:
+            words.append(lv.append)
+        return " ".join(words)
+
+    def boot(self) -> None:
+        for name in self.levels:
+            if name == "l0":
+                self._boot_l0()
+            else:
+                self._boot_nested(name)
+            self._write_access()
+        self.up = True
+        self._register(up=True)
+        self._write_access()
+
+    def _boot_l0(self) -> None:
+        st = self.levels["l0"]
+        assert st.image is not None
+        names = list(self.levels)
+        for attempt in range(3):
+            st.ssh_port = free_port()
+            self.gdb_port = free_port()
+            st.spec = VMSpec(
+                level="l0", accel=self.profile.accel, cpu=self.profile.l0_cpu,
+                memory_mb=st.level.memory_mb, cpus=st.level.cpus,
+                kernel=str(st.image.kernel), initrd=str(st.image.initrd),
+                append=self._append(st.level, nested=False), ssh_port=st.ssh_port,
+                # ttyS0 is L0's own console; ttyS1 and ttyS2 relay L1's and L2's to the host.
+                serials=[Serial(n, "unix", str(self.sock_dir / f"{n}.console"))
+                         for n in names],
+                qmp=str(self.sock_dir / "qmp"), gdb=f"tcp:127.0.0.1:{self.gdb_port}",
+                hold=self.hold)
+            self.vm = QemuVM(st.spec, self.run_dir, on_crash=self._on_crash)
+            st.timeline["launch"] = self.now()
+            try:
+                self.vm.start()
+                break
+            except LaunchError as e:
+                self.vm.stop()
+                # Another process may have taken the port between our probe and QEMU's bind.
+                if "hostfwd" in e.output or "Address already in use" in e.output:
+                    if attempt < 2:
+                        continue
+                raise
+        self._register()
+        for n in names:
+            self.levels[n].console = self.vm.consoles[n]
+        if self.hold:
+            self.log(f"l0: CPUs held until a debugger continues them "
+                     f"(gdb: target remote 127.0.0.1:{self.gdb_port})")
+        self._await_level("l0", since=0)
+
+    def _await_level(self, name: str, since: int,
+                     alive: Callable[[], None] | None = None) -> None:
+        st = self.levels[name]
+        con = st.console
+        assert con is not None
+        deadline = self.t0 + st.timeline["launch"] + st.level.boot_timeout
+        if self.hold and name == "l0":
+            deadline = float("inf")
+
+        def wait(pattern: str) -> int:
+            pos = since
+            while True:
+                left = deadline - time.monotonic()
+                try:
+                    idx, _ = con.wait_for(pattern, timeout=min(max(left, 0.01), 2.0), since=pos,
+                                          abort=self.check)
+                    return idx
+                except ConsoleTimeout:
+                    pos = len(con.lines)
+                    self.check()
+                    if alive:
+                        alive()
+                    if time.monotonic() >= deadline:
+                        raise BootError(
+                            f"{name}: did not reach {pattern!r} within "
+                            f"{st.level.boot_timeout} s; last console lines:\n{con.tail()}",
+                            level=name, detail=con.tail(40)) from None
+
+        idx = wait(MARK_INIT)
+        first = con.lines[since].t if since < len(con.lines) else con.lines[idx].t
+        st.timeline["console_first_output"] = round(first - self.t0, 3)
+        st.timeline["init"] = round(con.lines[idx].t - self.t0, 3)
+        wait(MARK_READY)
+        parent = self.levels[st.level.parent].ssh if st.level.parent else None
+        st.ssh = SSHSession(name, st.ssh_port, self.key_file, str(st.image.host_key)
+                            if st.image else "", via=parent)
+
+        def check() -> None:
+            self.check()
+            if alive:
+                alive()
+
+        try:
+            st.ssh.connect(deadline, check=check)
+        except SSHError as e:
+            raise SSHError(f"{e}; last console lines:\n{con.tail()}", level=name,
+                           detail=con.tail(40)) from None
+        st.timeline["ssh_ready"] = self.now()
+        self.report.levels[name]["timeline"] = dict(st.timeline)
+        launch = st.timeline["launch"]
+        self.log(f"{name}: up: /init after {st.timeline['init'] - launch:.1f} s, SSH after "
+                 f"{st.timeline['ssh_ready'] - launch:.1f} s")
+
+    def _boot_nested(self, name: str) -> None:
+        st = self.levels[name]
+        parent_name = st.level.parent
+        assert parent_name is not None and st.image is not None
+        parent = self.levels[parent_name]
+        assert parent.ssh is not None
+        below = [n for n in self.levels if n > name]  # deeper levels relayed through this one
+        st.ssh_port = CHILD_SSH_PORT
+        st.spec = VMSpec(
+            level=name, accel=self.profile.nested_accel(), cpu=self.profile.nested_cpu(),
+            memory_mb=st.level.memory_mb, cpus=st.level.cpus,
+            kernel="/lab/child/vmlinuz", initrd="/lab/child/initrd.cpio",
+            append=self._append(st.level, nested=True), ssh_port=CHILD_SSH_PORT,
+            # Inside the parent, ttyS1 carries this level's console up, ttyS2 the next one's.
+            serials=[Serial(n, "dev", f"/dev/ttyS{i + 1}") for i, n in enumerate([name, *below])],
+            pidfile=f"/run/lab-{name}.pid", binary="/usr/bin/qemu-system-x86_64")
+        con = st.console
+        assert con is not None
+        since = len(con.lines)
+        log = f"/run/lab-{name}.qemu.log"
+        st.timeline["launch"] = self.now()
+        parent.ssh.start(f"exec {shell_command(st.spec)} >{log} 2>&1")
+
+        last_check = [0.0]
+
+        def alive() -> None:
+            # A nested QEMU that exits is only visible from its parent: look there.
+            if time.monotonic() - last_check[0] < 2.0:
+                return
+            last_check[0] = time.monotonic()
+            assert parent.ssh is not None and st.spec is not None
+            r = parent.ssh.run(f"pid=$(cat /run/lab-{name}.pid 2>/dev/null) && "
+                               f"kill -0 $pid || {{ cat {log}; exit 1; }}", timeout=30)
+            if r.exit_status != 0:
+                from lab.qemu import build_command
+                raise LaunchError(f"{name}: QEMU in {parent_name} is not running",
+                                  command=build_command(st.spec), output=r.stdout[-3000:],
+                                  level=name)
+
+        self._await_level(name, since=since, alive=alive)
+
+    def _write_access(self) -> None:
+        levels = [access.LevelAccess(n, st.ssh_port, st.level.parent, st.image.host_key)
+                  for n, st in self.levels.items() if st.image is not None and st.ssh_port]
+        access.write_ssh_files(self.run_dir, self.key_file, levels)
+        access.write_state(self.run_dir, self.state())
+
+    def state(self, status: str | None = None) -> dict[str, Any]:
+        return {
+            "id": self.id, "status": status or ("up" if self.up else "booting"),
+            "owner_pid": os.getpid(), "playbook": str(self.pb.path), "profile": self.profile.name,
+            "run_dir": str(self.run_dir), "sock_dir": str(self.sock_dir),
+            "key_file": str(self.key_file), "gdb_port": self.gdb_port,
+            "qemu_pid": self.vm.pid if self.vm else None,
+            "levels": {n: {"port": st.ssh_port, "via": st.level.parent,
+                           "host_key": st.image.host_key if st.image else None,
+                           "console_log": f"{n}.console.log", "timeline": st.timeline}
+                       for n, st in self.levels.items()},
+        }
+
+    # -- steps -----------------------------------------------------------------------------
+    def run_steps(self) -> None:
+        for step in self.pb.steps:
+            ssh = self.levels[step.on].ssh
+            assert ssh is not None
+            self.log(f"[{step.on}] {step.name}: {step.run}")
+            res = StepResult(name=step.name, level=step.on, command=step.run,
+                             expected=step.expect, status="error")
+            self.report.steps.append(res)
+            t = time.monotonic()
+            try:
+                r = ssh.run(step.run, timeout=step.timeout, check=self.check)
+            except LabError as e:
+                res.seconds = round(time.monotonic() - t, 3)
+                res.message = str(e).splitlines()[0]
+                raise
+            res.exit_status, res.stdout, res.stderr = r.exit_status, r.stdout, r.stderr
+            res.seconds = round(r.seconds, 3)
+            if r.exit_status == step.expect:
+                res.status = "passed"
+            else:
+                res.status = "failed"
+                res.message = f"exit status {r.exit_status}, expected {step.expect}"
+                self.log(f"  FAILED: {res.message}\n{_indent(r.stdout + r.stderr)}")
+            self.check()
+
+    # -- teardown --------------------------------------------------------------------------
+    def teardown(self) -> None:
+        for st in reversed(list(self.levels.values())):
+            if st.ssh is not None:
+                with contextlib.suppress(Exception):
+                    st.ssh.close()
+                st.ssh = None
+        if self.vm is not None:
+            self.vm.stop()
+        self.up = False
+        with contextlib.suppress(OSError):
+            if (self.run_dir / "state.json").exists():
+                st = access.read_state(self.run_dir)
+                st["status"] = "down"
+                access.write_state(self.run_dir, st)
+        shutil.rmtree(self.sock_dir, ignore_errors=True)
+        self.registry.remove(self.id)
+
+    def logs(self) -> dict[str, str]:
+        return {p.name: p.name for p in sorted(self.run_dir.glob("*.log"))}
+
+
+def _indent(text: str, prefix: str = "    ") -> str:
+    lines = text.rstrip().splitlines()[-20:]
+    return "\n".join(prefix + ln for ln in lines)
+
+
+def error_dict(e: LabError | Exception) -> dict[str, Any]:
+    if isinstance(e, LabError):
+        d = e.to_dict()
+        d["exit_status"] = e.exit_status
+        return d
+    return {"kind": "internal", "message": f"{type(e).__name__}: {e}", "exit_status": 3,
+            "level": None, "detail": ""}
+
+
+__all__ = ["EXIT_USAGE", "Lab", "VMDied", "error_dict"]

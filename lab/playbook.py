@@ -1,0 +1,168 @@
+"""Playbooks: a topology of levels (l0, l1, l2) and the steps to run on them.
+
+Everything is validated before anything boots; a problem is one line naming the file, the line
+and the field (exit status 2).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from lab import schema
+from lab.errors import UsageError
+
+LEVELS = ("l0", "l1", "l2")
+PARENT = {"l1": "l0", "l2": "l1"}
+# What a parent needs besides its child's memory: its own kernel, userspace, the child's
+# initramfs (held twice while QEMU loads it) and QEMU itself.
+PARENT_OVERHEAD_MB = 384
+
+_MODNAME = re.compile(r"^[a-z0-9_]+$")
+_PARAM = re.compile(r"^[a-z0-9_]+$")
+
+LEVEL_SPEC = schema.Map({
+    "image": schema.Field(schema.Str(), default="default"),
+    "memory": schema.Field(schema.Int(minimum=128, maximum=65536), default=None),
+    "cpus": schema.Field(schema.Int(minimum=1, maximum=64), default=1),
+    "append": schema.Field(schema.Str(), default=""),
+    "modules": schema.Field(schema.Dict(
+        schema.Dict(schema.Scalar(), key_check=_PARAM.match, key_what="a parameter name"),
+        key_check=_MODNAME.match, key_what="a module name (letters, digits, _)"), default=None),
+    "boot_timeout": schema.Field(schema.Int(minimum=1), default=None),
+})
+
+STEP_SPEC = schema.Map({
+    "name": schema.Field(schema.Str()),
+    "on": schema.Field(schema.Str(choices=LEVELS), default="l0"),
+    "run": schema.Field(schema.Str(), required=True),
+    "expect": schema.Field(schema.Int(minimum=0, maximum=255), default=0),
+    "timeout": schema.Field(schema.Int(minimum=1), default=120),
+})
+
+PLAYBOOK_SPEC = schema.Map({
+    "name": schema.Field(schema.Str()),
+    "description": schema.Field(schema.Str(), default=""),
+    "profile": schema.Field(schema.Str(choices=("auto", "kvm-vmx", "kvm-svm", "tcg-svm")),
+                            default="auto"),
+    "topology": schema.Field(schema.Dict(LEVEL_SPEC, key_check=lambda k: k in LEVELS,
+                                         key_what="a level (l0, l1, l2)"), required=True),
+    "steps": schema.Field(schema.List(STEP_SPEC), default=None),
+})
+
+DEFAULT_MEMORY = {"l0": 1024, "l1": 1024, "l2": 256}
+DEFAULT_BOOT_TIMEOUT = {"l0": 120, "l1": 180, "l2": 300}
+
+
+@dataclass
+class Level:
+    name: str
+    image: str
+    recipe: Path
+    memory_mb: int
+    cpus: int
+    append: str
+    modules: dict[str, dict[str, str]]
+    boot_timeout: int
+    line: int
+
+    @property
+    def parent(self) -> str | None:
+        return PARENT.get(self.name)
+
+
+@dataclass
+class Step:
+    name: str
+    on: str
+    run: str
+    expect: int
+    timeout: int
+    line: int
+
+
+@dataclass
+class Playbook:
+    path: Path
+    name: str
+    description: str
+    profile: str
+    levels: dict[str, Level]
+    steps: list[Step] = field(default_factory=list)
+
+    def child(self, level: str) -> str | None:
+        for name, parent in PARENT.items():
+            if parent == level and name in self.levels:
+                return name
+        return None
+
+
+def image_dirs(playbook: Path) -> list[Path]:
+    """Where image names are looked up: next to the playbooks, then the working directory."""
+    dirs = [playbook.resolve().parent.parent / "images", Path.cwd() / "images"]
+    out: list[Path] = []
+    for d in dirs:
+        if d not in out:
+            out.append(d)
+    return out
+
+
+def find_image(playbook: Path, name: str) -> Path | None:
+    if name.endswith(".yaml") or "/" in name:
+        p = (playbook.parent / name).resolve()
+        return p if p.exists() else None
+    for d in image_dirs(playbook):
+        if (d / f"{name}.yaml").exists():
+            return d / f"{name}.yaml"
+    return None
+
+
+def load(path: Path) -> Playbook:
+    data = schema.load(path, PLAYBOOK_SPEC)
+    topo = data["topology"]
+    if "l0" not in topo:
+        raise UsageError(f"{topo.where()}: topology: missing required level l0")
+    levels: dict[str, Level] = {}
+    for name in LEVELS:
+        if name not in topo:
+            continue
+        lv = topo[name]
+        parent = PARENT.get(name)
+        if parent and parent not in topo:
+            raise UsageError(f"{topo.where(name)}: topology.{name}: needs its parent {parent}")
+        recipe = find_image(path, lv["image"])
+        if recipe is None:
+            looked = ", ".join(str(d) for d in image_dirs(path))
+            raise UsageError(f"{lv.where('image')}: topology.{name}.image: no recipe "
+                             f"{lv['image']!r} (looked in {looked})")
+        levels[name] = Level(
+            name=name, image=lv["image"], recipe=recipe,
+            memory_mb=lv["memory"] or DEFAULT_MEMORY[name], cpus=lv["cpus"],
+            append=lv["append"], modules={m: dict(p) for m, p in (lv["modules"] or {}).items()},
+            boot_timeout=lv["boot_timeout"] or DEFAULT_BOOT_TIMEOUT[name],
+            line=topo.lines[name])
+    for name, lv in levels.items():
+        parent = lv.parent
+        if parent is None:
+            continue
+        p = levels[parent]
+        need = lv.memory_mb + PARENT_OVERHEAD_MB
+        if need > p.memory_mb:
+            raise UsageError(
+                f"{path}:{topo[parent].lines.get('memory', p.line)}: topology.{parent}.memory: "
+                f"{p.memory_mb} MiB cannot hold {name} ({lv.memory_mb} MiB + "
+                f"{PARENT_OVERHEAD_MB} MiB for {parent} itself); expected at least {need}")
+        for mod in ("kvm_amd", "kvm_intel"):
+            if p.modules.get(mod, {}).get("nested") in ("0", "N", "n"):
+                raise UsageError(f"{path}:{p.line}: topology.{parent}.modules.{mod}.nested: "
+                                 f"{parent} runs {name}, so it needs nested=1")
+    steps = []
+    for i, st in enumerate(data["steps"] or []):
+        if st["on"] not in levels:
+            raise UsageError(f"{st.where('on')}: steps[{i}].on: level {st['on']} is not in "
+                             f"the topology (expected one of {', '.join(levels)})")
+        steps.append(Step(name=st["name"] or f"step {i + 1}", on=st["on"], run=st["run"],
+                          expect=st["expect"], timeout=st["timeout"], line=st.line))
+    return Playbook(path=path, name=data["name"] or path.stem, description=data["description"],
+                    profile=data["profile"], levels=levels, steps=steps)

@@ -1,0 +1,200 @@
+"""SSH to a level with paramiko: pinned host keys, deadlines, and jumps through the parent.
+
+A level's SSH server listens on 127.0.0.1 of whoever runs it: the host for L0, L0 for L1, L1
+for L2. A child is reached through a `direct-tcpip` channel of its parent's connection, so
+nothing is ever exposed beyond loopback. Every call has a timeout; none can hang the lab.
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+import select
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import paramiko
+
+from lab.errors import CommandTimeout, SSHError
+
+# paramiko logs every refused early connection (the guest is still booting) with a traceback;
+# the lab reports connection problems itself, so keep paramiko's own log out of the terminal.
+_paramiko_log = logging.getLogger("paramiko")
+_paramiko_log.addHandler(logging.NullHandler())
+_paramiko_log.propagate = False
+
+
+@dataclass
+class RunResult:
+    command: str
+    exit_status: int
+    stdout: str
+    stderr: str
+    seconds: float
+
+
+def parse_host_key(line: str) -> paramiko.PKey:
+    kind, b64 = line.split()[:2]
+    if kind != "ssh-ed25519":
+        raise SSHError(f"unexpected host key type {kind}")
+    return paramiko.Ed25519Key(data=base64.b64decode(b64))
+
+
+class SSHSession:
+    def __init__(self, level: str, port: int, key_file: Path, host_key: str,
+                 via: SSHSession | None = None, user: str = "root") -> None:
+        self.level = level
+        self.port = port
+        self.key = paramiko.Ed25519Key.from_private_key_file(str(key_file))
+        self.host_key = parse_host_key(host_key)
+        self.via = via
+        self.user = user
+        self.transport: paramiko.Transport | None = None
+
+    # -- connecting ------------------------------------------------------------------------
+    def _sock(self, timeout: float) -> Any:
+        if self.via is None:
+            return socket.create_connection(("127.0.0.1", self.port), timeout=timeout)
+        parent = self.via.require()
+        try:
+            return parent.open_channel("direct-tcpip", ("127.0.0.1", self.port),
+                                       ("127.0.0.1", 0), timeout=timeout)
+        except (paramiko.SSHException, OSError) as e:
+            raise ConnectionError(f"via {self.via.level}: {e}") from None
+
+    def connect_once(self, timeout: float = 10.0) -> None:
+        sock = self._sock(timeout)
+        t = paramiko.Transport(sock)
+        t.banner_timeout = timeout
+        t.handshake_timeout = timeout
+        t.auth_timeout = timeout
+        try:
+            t.start_client(timeout=timeout)
+            key = t.get_remote_server_key()
+            # Pinned: the image's own host key, nothing else (no AutoAdd, no known_hosts).
+            if key.get_name() != self.host_key.get_name() or \
+                    key.asbytes() != self.host_key.asbytes():
+                raise SSHError(f"{self.level}: host key mismatch (got {key.get_base64()[:24]}...)",
+                               level=self.level)
+            t.auth_publickey(self.user, self.key)
+        except BaseException:
+            t.close()
+            raise
+        t.set_keepalive(15)
+        self.transport = t
+
+    def connect(self, deadline: float, check: Callable[[], None] | None = None) -> int:
+        """Retry until connected or `deadline` (monotonic); return the number of attempts.
+
+        `check` runs between attempts (e.g. to fail fast when the VM crashed).
+        """
+        attempts = 0
+        last: Exception | None = None
+        while True:
+            attempts += 1
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise SSHError(f"{self.level}: SSH did not answer in time (after {attempts - 1} "
+                               f"attempts; last error: {last})", level=self.level)
+            try:
+                self.connect_once(timeout=min(10.0, max(left, 1.0)))
+                return attempts
+            except SSHError as e:
+                if "host key mismatch" in str(e):
+                    raise
+                last = e
+            except (OSError, EOFError, ConnectionError, paramiko.SSHException) as e:
+                last = e
+            if check:
+                check()
+            time.sleep(min(0.25, max(deadline - time.monotonic(), 0)))
+
+    def require(self) -> paramiko.Transport:
+        if self.transport is None or not self.transport.is_active():
+            raise SSHError(f"{self.level}: not connected", level=self.level)
+        return self.transport
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+            self.transport = None
+
+    def __enter__(self) -> SSHSession:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- commands --------------------------------------------------------------------------
+    def run(self, command: str, timeout: float = 60.0, stdin: bytes | None = None,
+            check: Callable[[], None] | None = None) -> RunResult:
+        """Run `command` in the guest's shell; return its status and output.
+
+        Raises CommandTimeout after `timeout` seconds. `check` is called a few times a second
+        so that a crash elsewhere in the lab ends the wait at once.
+        """
+        t0 = time.monotonic()
+        try:
+            chan = self.require().open_session(timeout=min(timeout, 30))
+        except (paramiko.SSHException, OSError, EOFError) as e:
+            raise SSHError(f"{self.level}: cannot open a session: {e}", level=self.level) from None
+        out, err = bytearray(), bytearray()
+        try:
+            chan.settimeout(0.0)
+            chan.exec_command(command)
+            if stdin is not None:
+                chan.sendall(stdin)
+            chan.shutdown_write()
+            while True:
+                if chan.recv_ready():
+                    out += chan.recv(65536)
+                    continue
+                if chan.recv_stderr_ready():
+                    err += chan.recv_stderr(65536)
+                    continue
+                if chan.exit_status_ready() and not chan.recv_ready() \
+                        and not chan.recv_stderr_ready():
+                    break
+                if time.monotonic() - t0 > timeout:
+                    raise CommandTimeout(f"{self.level}: `{command}` did not finish in "
+                                         f"{timeout:g} s", level=self.level,
+                                         detail=(out + err).decode(errors="replace")[-2000:])
+                if not self.require().is_active():
+                    raise SSHError(f"{self.level}: connection lost during `{command}`",
+                                   level=self.level)
+                if check:
+                    check()
+                select.select([chan], [], [], 0.1)
+            status = chan.recv_exit_status()
+        finally:
+            chan.close()
+        return RunResult(command, status, out.decode(errors="replace"),
+                         err.decode(errors="replace"), time.monotonic() - t0)
+
+    def start(self, command: str) -> None:
+        """Start a command that outlives this call (its output must be redirected)."""
+        res = self.run(f"setsid sh -c {_quote(command)} </dev/null >/dev/null 2>&1 &",
+                       timeout=30)
+        if res.exit_status != 0:
+            raise SSHError(f"{self.level}: could not start `{command}`: {res.stderr}",
+                           level=self.level)
+
+    # -- files -----------------------------------------------------------------------------
+    def put(self, local: Path, remote: str, mode: int | None = None) -> None:
+        with paramiko.SFTPClient.from_transport(self.require()) as sftp:  # type: ignore[union-attr]
+            sftp.get_channel().settimeout(60)
+            sftp.put(str(local), remote)
+            sftp.chmod(remote, mode if mode is not None else (local.stat().st_mode & 0o777))
+
+    def get(self, remote: str, local: Path) -> None:
+        with paramiko.SFTPClient.from_transport(self.require()) as sftp:  # type: ignore[union-attr]
+            sftp.get_channel().settimeout(60)
+            sftp.get(remote, str(local))
+
+
+def _quote(s: str) -> str:
+    return "'" + s.replace("'", "'\"'\"'") + "'"
