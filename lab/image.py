@@ -37,8 +37,7 @@ BASE_BINARIES = {
 }
 QEMU_BINARY = "/usr/bin/qemu-system-x86_64"
 # What a nested QEMU reads with -nodefaults, -kernel and SeaBIOS (see FACTS.md).
-QEMU_FIRMWARE = ["bios-256k.bin", "kvmvapic.bin", "linuxboot.bin", "linuxboot_dma.bin",
-                 "multiboot.bin", "multiboot_dma.bin", "pvh.bin"]
+QEMU_FIRMWARE = ["bios-256k.bin", "kvmvapic.bin", "linuxboot.bin", "linuxboot_dma.bin"]
 
 DEFAULT_MODULES = ["virtio_pci", "virtio_net", "kvm_amd", "kvm_intel", "button", "evdev"]
 
@@ -250,9 +249,14 @@ class Builder:
         if child is not None:
             plan.add_binary("usr/bin/qemu-system-x86_64", QEMU_BINARY)
             for fw in QEMU_FIRMWARE:
-                src = Path("/usr/share/qemu") / fw
-                if src.exists():
-                    plan.files[f"usr/share/qemu/{fw}"] = Path(os.path.realpath(src))
+                # Debian keeps SeaBIOS in its own package's directory.
+                for d in ("/usr/share/qemu", "/usr/share/seabios"):
+                    src = Path(d) / fw
+                    if src.exists():
+                        plan.files[f"usr/share/qemu/{fw}"] = Path(os.path.realpath(src))
+                        break
+                else:
+                    raise LabError(f"QEMU firmware {fw} is missing on this host (see `lab doctor`)")
             plan.files["lab/child/vmlinuz"] = child.kernel
             plan.files["lab/child/initrd.cpio"] = child.initrd
         return plan

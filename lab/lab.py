@@ -317,7 +317,7 @@ class Lab:
         for step in self.pb.steps:
             ssh = self.levels[step.on].ssh
             assert ssh is not None
-            self.log(f"[{step.on}] {step.name}: {step.run}")
+            self.log(f"[{step.on}] {step.name}: {step.run.strip().splitlines()[0]}")
             res = StepResult(name=step.name, level=step.on, command=step.run,
                              expected=step.expect, status="error")
             self.report.steps.append(res)

@@ -74,7 +74,7 @@ def build_command(spec: VMSpec) -> list[str]:
         if s.kind == "unix":
             cmd += ["-chardev", f"socket,id=ser{i},path={s.path},server=on,wait=off"]
         elif s.kind == "dev":
-            cmd += ["-chardev", f"tty,id=ser{i},path={s.path}"]
+            cmd += ["-chardev", f"serial,id=ser{i},path={s.path}"]
         elif s.kind == "file":
             cmd += ["-chardev", f"file,id=ser{i},path={s.path}"]
         else:
