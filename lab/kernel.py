@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -91,6 +92,43 @@ def apt_resolve_image(meta: str) -> str:
     raise LabError(f"{meta} does not depend on a versioned linux-image package")
 
 
+APT_LISTS = Path("/var/lib/apt/lists")
+_RESOLVE_MEMO: Path | None = None  # set by tests; default inside the cache
+
+
+def _lists_stamp() -> str:
+    """Changes whenever apt's package lists do (apt-get update)."""
+    parts = []
+    for p in sorted(APT_LISTS.glob("*_Packages*")):
+        st = p.stat()
+        parts.append(f"{p.name}:{st.st_size}:{st.st_mtime_ns}")
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()
+
+
+def _memo_resolve(package: str, version: str | None) -> AptPackage:
+    """apt-cache takes ~0.5 s a call; its answer only changes with the package lists, so
+    remember it per lists stamp (a rebuild with nothing changed stays well under a second)."""
+    from lab.cache import cache_root
+
+    memo = _RESOLVE_MEMO or cache_root() / "apt-resolve.json"
+    key = f"{package}={version or ''}"
+    stamp = _lists_stamp()
+    try:
+        known = json.loads(memo.read_text())
+    except (OSError, ValueError):
+        known = {}
+    hit = known.get(key)
+    if hit and hit.get("stamp") == stamp:
+        return AptPackage(hit["name"], hit["version"], hit["sha256"])
+    name = apt_resolve_image(package)
+    pkg = apt_show(name, version if name == package else None)
+    known[key] = {"stamp": stamp, "name": pkg.name, "version": pkg.version, "sha256": pkg.sha256}
+    tmp = memo.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(known, indent=1))
+    os.replace(tmp, memo)
+    return pkg
+
+
 def _download(pkg: AptPackage, dest: Path) -> Path:
     dest.mkdir(parents=True, exist_ok=True)
     deb = dest / f"{pkg.name}_{pkg.version.replace(':', '%3a')}_amd64.deb"
@@ -138,8 +176,7 @@ class DebianKernel:
 
     def _resolve(self) -> AptPackage:
         if not hasattr(self, "_pkg"):
-            name = apt_resolve_image(self.package)
-            self._pkg = apt_show(name, self.version if name == self.package else None)
+            self._pkg = _memo_resolve(self.package, self.version)
         return self._pkg
 
     def release(self) -> str:

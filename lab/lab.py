@@ -134,6 +134,7 @@ class Lab:
             self.report.levels[name] = {
                 "image": st.image.dir.name, "kernel": st.image.manifest["kernel"],
                 "memory_mb": st.level.memory_mb, "cpus": st.level.cpus, "timeline": {}}
+        self.report.levels = {n: self.report.levels[n] for n in self.levels}  # topology order
 
     # -- boot ------------------------------------------------------------------------------
     def _append(self, lv: Level, nested: bool) -> str:

@@ -1,0 +1,74 @@
+"""Running the real `lab` command against real QEMU guests."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def lab(*args: str, timeout: float = 900, check: bool = False,
+        cwd: Path = ROOT) -> subprocess.CompletedProcess[str]:
+    r = subprocess.run([sys.executable, "-m", "lab", *args], capture_output=True, text=True,
+                       timeout=timeout, cwd=cwd)
+    if check and r.returncode != 0:
+        raise AssertionError(f"lab {' '.join(args)} exited {r.returncode}:\n{r.stdout}\n{r.stderr}")
+    return r
+
+
+def report(run_dir: Path) -> dict[str, Any]:
+    data: dict[str, Any] = json.loads((run_dir / "report.json").read_text())
+    return data
+
+
+def qemu_pids(marker: str | None = None) -> list[int]:
+    """QEMU processes on this host (whose command line mentions `marker`, if given)."""
+    pids = []
+    for p in Path("/proc").iterdir():
+        if not p.name.isdigit():
+            continue
+        try:
+            args = (p / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if not args or not args[0].endswith(b"qemu-system-x86_64"):
+            continue
+        if marker is None or any(marker.encode() in a for a in args):
+            pids.append(int(p.name))
+    return pids
+
+
+def wait_state(run_dir: Path, status: str, timeout: float) -> dict[str, Any]:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        try:
+            st: dict[str, Any] = json.loads((run_dir / "state.json").read_text())
+            if st.get("status") == status:
+                return st
+        except (OSError, ValueError):
+            pass
+        time.sleep(0.2)
+    raise AssertionError(f"{run_dir}: state never became {status!r}")
+
+
+def gone(pid_marker: str, timeout: float = 15) -> bool:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if not qemu_pids(pid_marker):
+            return True
+        time.sleep(0.2)
+    return False
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+        return True
+    except ProcessLookupError:
+        return False

@@ -1,0 +1,155 @@
+"""L0 on this host: smoke playbook, lab up/ssh/cp/down, teardown however the lab ends."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+import xml.etree.ElementTree as ET
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from .helpers import ROOT, gone, lab, qemu_pids, report, wait_state
+
+pytestmark = pytest.mark.integration
+
+SLEEPY = """\
+name: sleepy
+topology:
+  l0: {image: %s}
+steps:
+  - {name: quick, run: "true"}
+  - {name: long, run: "sleep 300", timeout: 600}
+"""
+
+MIXED = """\
+name: mixed
+topology:
+  l0: {image: %s}
+steps:
+  - {name: passes, run: "echo fine"}
+  - {name: fails, run: "echo bad; exit 3", expect: 0}
+  - {name: expected-nonzero, run: "exit 7", expect: 7}
+"""
+
+
+def playbook(tmp_path: Path, text: str) -> Path:
+    p = tmp_path / "pb.yaml"
+    p.write_text(text % (ROOT / "images" / "default.yaml"))
+    return p
+
+
+def test_doctor_picks_a_profile() -> None:
+    r = lab("doctor", "--json", check=True)
+    d = json.loads(r.stdout)
+    assert d["profile"] in ("kvm-vmx", "kvm-svm", "tcg-svm") and d["can_run"] is True
+    if not (d["vmx"] or d["svm"]):
+        assert d["profile"] == "tcg-svm" and d["kvm_usable"] is False
+
+
+def test_image_rebuild_with_nothing_changed_is_a_cache_hit() -> None:
+    first = lab("images", "build", "default", check=True).stdout
+    second = lab("images", "build", "default", check=True)
+    assert first.split()[1] == second.stdout.split()[1]
+    assert "building image" not in second.stderr
+
+
+def test_smoke_playbook(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    r = lab("run", "playbooks/smoke.yaml", "--out", str(out))
+    assert r.returncode == 0, r.stdout + r.stderr
+    rep = report(out)
+    assert rep["status"] == "passed" and [s["status"] for s in rep["steps"]] == ["passed"] * 3
+    assert "nested=1" in rep["steps"][1]["stdout"]
+    tl = rep["levels"]["l0"]["timeline"]
+    assert tl["launch"] < tl["console_first_output"] < tl["init"] < tl["ssh_ready"]
+    assert rep["levels"]["l0"]["kernel"]["release"]
+    suite = ET.parse(out / "junit.xml").getroot().find("testsuite")
+    assert suite is not None and suite.get("tests") == "4" and suite.get("failures") == "0"
+    assert "LAB-INIT: ready" in (out / "l0.console.log").read_text(errors="replace")
+    state = json.loads((out / "state.json").read_text())
+    assert state["status"] == "down" and not qemu_pids(state["sock_dir"])
+
+
+def test_failed_step_gives_exit_1_and_runs_the_rest(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    r = lab("run", str(playbook(tmp_path, MIXED)), "--out", str(out))
+    assert r.returncode == 1, r.stdout + r.stderr
+    rep = report(out)
+    assert [s["status"] for s in rep["steps"]] == ["passed", "failed", "passed"]
+    assert rep["steps"][1]["exit_status"] == 3 and "bad" in rep["steps"][1]["stdout"]
+
+
+def test_two_labs_side_by_side(tmp_path: Path) -> None:
+    outs = [tmp_path / "a", tmp_path / "b"]
+    with ThreadPoolExecutor(2) as pool:
+        results = list(pool.map(lambda o: lab("run", "playbooks/smoke.yaml", "--out", str(o)),
+                                outs))
+    assert [r.returncode for r in results] == [0, 0], [r.stderr for r in results]
+    ports = {json.loads((o / "state.json").read_text())["levels"]["l0"]["port"] for o in outs}
+    assert len(ports) == 2
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGKILL])
+def test_no_qemu_left_however_the_run_ends(tmp_path: Path, sig: signal.Signals) -> None:
+    out = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "lab", "run",
+                             str(playbook(tmp_path, SLEEPY)), "--out", str(out)],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        state = wait_state(out, "up", timeout=180)
+        marker = state["sock_dir"]
+        assert qemu_pids(marker), "QEMU should be running while the lab is up"
+        time.sleep(1)
+        proc.send_signal(sig)
+        rc = proc.wait(timeout=60)
+        assert gone(marker, timeout=15), f"QEMU still running after {sig.name}"
+        if sig != signal.SIGKILL:
+            assert rc == 3
+            rep = report(out)
+            assert rep["status"] == "error" and rep["error"]["kind"] == "aborted"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    if sig == signal.SIGKILL:
+        # The next `lab` command reaps what a killed lab left in its registry.
+        lab("doctor")
+        from lab.procs import Registry
+
+        assert not [r for r in Registry().records() if r.get("run_dir") == str(out)]
+
+
+def test_up_ssh_cp_down(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    r = lab("up", "playbooks/smoke.yaml", "--out", str(out), timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    try:
+        assert f"ssh -F {out}/ssh_config l0" in r.stdout
+        state = json.loads((out / "state.json").read_text())
+        assert state["status"] == "up" and qemu_pids(state["sock_dir"])
+        # The real OpenSSH client with the run's ssh_config (pinned host key, no prompts).
+        o = subprocess.run(["ssh", "-F", str(out / "ssh_config"), "-o", "BatchMode=yes", "l0",
+                            "cat /proc/version"], capture_output=True, text=True, timeout=60)
+        assert o.returncode == 0 and "Linux version" in o.stdout, o.stderr
+        s = lab("ssh", "--run", str(out), "l0", "--", "echo", "hello-$((6*7))", "&&", "exit 4")
+        assert s.returncode == 4 and "hello-42" in s.stdout
+        script = tmp_path / "probe.sh"
+        script.write_text("#!/bin/sh\necho uploaded-ran $(hostname)\n")
+        script.chmod(0o755)
+        lab("cp", "--run", str(out), str(script), "l0:/root/probe.sh", check=True)
+        s = lab("ssh", "--run", str(out), "l0", "--", "/root/probe.sh", check=True)
+        assert "uploaded-ran l0" in s.stdout
+        lab("cp", "--run", str(out), "l0:/proc/cmdline", str(tmp_path / "cmdline"), check=True)
+        assert "lab.level=l0" in (tmp_path / "cmdline").read_text()
+    finally:
+        d = lab("down", "--run", str(out), timeout=120)
+    assert d.returncode == 0, d.stderr
+    assert gone(state["sock_dir"], timeout=10)
+    assert json.loads((out / "state.json").read_text())["status"] == "down"
+    bad = lab("ssh", "--run", str(out), "l0", "--", "true")
+    assert bad.returncode == 2 and "not up" in bad.stderr

@@ -1,0 +1,134 @@
+"""Playbook validation: every problem is one line naming file, line and field."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from lab import playbook
+from lab.errors import UsageError
+
+GOOD = """\
+name: t
+topology:
+  l0:
+    image: default
+    memory: 2048
+  l1:
+    memory: 1024
+steps:
+  - name: hello
+    on: l1
+    run: echo hi
+    expect: 0
+    timeout: 10
+"""
+
+
+def make(tmp_path: Path, text: str) -> Path:
+    (tmp_path / "images").mkdir(exist_ok=True)
+    (tmp_path / "images" / "default.yaml").write_text("kernel: {debian: linux-image-cloud-amd64}\n")
+    (tmp_path / "playbooks").mkdir(exist_ok=True)
+    p = tmp_path / "playbooks" / "t.yaml"
+    p.write_text(text)
+    return p
+
+
+def error_of(tmp_path: Path, text: str) -> str:
+    with pytest.raises(UsageError) as e:
+        playbook.load(make(tmp_path, text))
+    msg = str(e.value)
+    assert "\n" not in msg
+    return msg
+
+
+def test_good_playbook(tmp_path: Path) -> None:
+    pb = playbook.load(make(tmp_path, GOOD))
+    assert list(pb.levels) == ["l0", "l1"]
+    assert pb.levels["l1"].parent == "l0"
+    assert pb.levels["l0"].memory_mb == 2048
+    assert pb.steps[0].on == "l1" and pb.steps[0].timeout == 10
+    assert pb.child("l0") == "l1" and pb.child("l1") is None
+
+
+def test_repo_playbooks_load(root: Path) -> None:
+    for p in sorted((root / "playbooks").glob("*.yaml")):
+        pb = playbook.load(p)
+        assert "l0" in pb.levels, p
+
+
+def test_unknown_key_names_file_line_field(tmp_path: Path) -> None:
+    msg = error_of(tmp_path, GOOD.replace("    memory: 2048", "    memroy: 2048"))
+    assert msg.startswith(f"{tmp_path}/playbooks/t.yaml:5: topology.l0.memroy: unknown key")
+
+
+def test_wrong_type(tmp_path: Path) -> None:
+    msg = error_of(tmp_path, GOOD.replace("timeout: 10", "timeout: soon"))
+    assert ":13: steps[0].timeout: expected an integer >= 1, got 'soon'" in msg
+
+
+def test_missing_required(tmp_path: Path) -> None:
+    msg = error_of(tmp_path, GOOD.replace("    run: echo hi\n", ""))
+    assert "steps[0].run: missing required field" in msg
+
+
+def test_missing_image_file(tmp_path: Path) -> None:
+    msg = error_of(tmp_path, GOOD.replace("image: default", "image: nosuch"))
+    assert ":4: topology.l0.image: no recipe 'nosuch'" in msg
+
+
+def test_level_without_parent(tmp_path: Path) -> None:
+    text = GOOD.replace("  l1:\n    memory: 1024\n", "  l2:\n    memory: 256\n")
+    text = text.replace("on: l1", "on: l0")
+    assert "topology.l2: needs its parent l1" in error_of(tmp_path, text)
+
+
+def test_child_memory_must_fit(tmp_path: Path) -> None:
+    msg = error_of(tmp_path, GOOD.replace("memory: 1024", "memory: 1900"))
+    assert "topology.l0.memory: 2048 MiB cannot hold l1" in msg and ":5:" in msg
+
+
+def test_parent_needs_nested(tmp_path: Path) -> None:
+    text = GOOD.replace("    memory: 2048\n", "    memory: 2048\n    modules: {kvm_amd: {nested: 0}}\n")
+    assert "modules.kvm_amd.nested: l0 runs l1, so it needs nested=1" in error_of(tmp_path, text)
+
+
+def test_step_on_absent_level(tmp_path: Path) -> None:
+    text = GOOD.replace("on: l1", "on: l2")
+    assert "steps[0].on: level l2 is not in the topology" in error_of(tmp_path, text)
+
+
+def test_bad_level_name(tmp_path: Path) -> None:
+    text = GOOD.replace("  l1:\n", "  l7:\n")
+    assert "topology.l7: expected a level (l0, l1, l2)" in error_of(tmp_path, text)
+
+
+def test_invalid_yaml(tmp_path: Path) -> None:
+    assert "not valid YAML" in error_of(tmp_path, "topology: [\n")
+
+
+def test_module_params_keep_strings(tmp_path: Path) -> None:
+    text = GOOD.replace("    memory: 2048\n",
+                        "    memory: 2048\n    modules: {kvm_amd: {npt: true, avic: 0}}\n")
+    pb = playbook.load(make(tmp_path, text))
+    assert pb.levels["l0"].modules == {"kvm_amd": {"npt": "1", "avic": "0"}}
+
+
+@pytest.mark.parametrize("cmd", ["run", "up"])
+def test_cli_bad_playbook_exits_2_with_one_line(tmp_path: Path, cmd: str) -> None:
+    p = make(tmp_path, GOOD.replace("expect: 0", "expect: lots"))
+    r = subprocess.run([sys.executable, "-m", "lab", cmd, str(p), "--out", str(tmp_path / "r")],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "steps[0].expect" in lines[0] and "Traceback" not in r.stderr
+    assert not (tmp_path / "r" / "state.json").exists()
+
+
+def test_cli_missing_playbook_exits_2(tmp_path: Path) -> None:
+    r = subprocess.run([sys.executable, "-m", "lab", "run", str(tmp_path / "nope.yaml")],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "cannot read" in r.stderr

@@ -1,0 +1,63 @@
+"""report.json and junit.xml."""
+
+from __future__ import annotations
+
+import json
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+from lab.errors import GuestCrash
+from lab.lab import error_dict
+from lab.report import Report, StepResult
+
+
+def report(steps: list[StepResult], error: dict[str, object] | None = None) -> Report:
+    r = Report(playbook="p.yaml", name="p", run_dir="/r", profile="tcg-svm")
+    r.levels["l0"] = {"timeline": {"launch": 1.0, "console_first_output": 1.5, "init": 3.0,
+                                   "ssh_ready": 4.0}}
+    r.steps = steps
+    r.error = error
+    r.phases["total"] = 9.0
+    r.finish()
+    return r
+
+
+def step(status: str, code: int) -> StepResult:
+    return StepResult(name=f"s{code}", level="l0", command="true", expected=0, status=status,
+                      exit_status=code, stdout="out", stderr="err", seconds=0.5,
+                      message="" if status == "passed" else f"exit status {code}, expected 0")
+
+
+def test_statuses_and_exit_codes() -> None:
+    assert report([step("passed", 0)]).exit_status == 0
+    assert report([step("passed", 0), step("failed", 1)]).status == "failed"
+    assert report([step("failed", 1)]).exit_status == 1
+    crash = error_dict(GuestCrash("l2", "panic: x", "excerpt"))
+    r = report([step("passed", 0)], crash)
+    assert r.status == "error" and r.exit_status == 3
+
+
+def test_write_json_and_junit(tmp_path: Path) -> None:
+    r = report([step("passed", 0), step("failed", 1)])
+    r.write(tmp_path)
+    j = json.loads((tmp_path / "report.json").read_text())
+    assert j["status"] == "failed" and j["exit_status"] == 1
+    assert j["steps"][1]["exit_status"] == 1 and j["steps"][1]["stdout"] == "out"
+    suite = ET.parse(tmp_path / "junit.xml").getroot().find("testsuite")
+    assert suite is not None
+    assert suite.get("tests") == "3" and suite.get("failures") == "1"
+    cases = suite.findall("testcase")
+    assert cases[0].get("name") == "boot l0" and cases[0].get("time") == "3.000"
+    assert cases[2].find("failure") is not None
+    props = {p.get("name"): p.get("value") for p in cases[0].iter("property")}
+    assert props["init"] == "3.000"
+
+
+def test_junit_for_a_boot_failure(tmp_path: Path) -> None:
+    r = Report(playbook="p.yaml", name="p", run_dir="/r")
+    r.levels["l0"] = {"timeline": {"launch": 1.0}}
+    r.error = {"kind": "boot", "message": "l0: no marker", "detail": "tail", "exit_status": 3}
+    r.finish()
+    r.write(tmp_path)
+    suite = ET.parse(tmp_path / "junit.xml").getroot().find("testsuite")
+    assert suite is not None and suite.get("errors") == "1"
