@@ -8,6 +8,7 @@ the lab fails fast instead of waiting out a timeout.
 
 from __future__ import annotations
 
+import contextlib
 import re
 import socket
 import threading
@@ -197,10 +198,8 @@ class Console:
 
     def close(self) -> None:
         if self._sock is not None:
-            try:
+            with contextlib.suppress(OSError):
                 self._sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
         if self._thread is not None:
             self._thread.join(timeout=5)
         if self._sock is not None:

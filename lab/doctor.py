@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
 import subprocess
@@ -61,7 +60,7 @@ class HostReport:
 
 
 def _cpuinfo(path: Path = Path("/proc/cpuinfo")) -> tuple[str, str, set[str]]:
-    vendor, model, flags = "unknown", "unknown", set()
+    vendor, model, flags = "unknown", "unknown", set[str]()
     for line in path.read_text().splitlines():
         key, _, value = line.partition(":")
         key = key.strip()
@@ -123,12 +122,10 @@ def probe(sys_module: Path = Path("/sys/module"), cpuinfo: Path = Path("/proc/cp
 
 
 def choose_profile(r: HostReport) -> tuple[str | None, str]:
-    if r.kvm_usable and r.vmx:
-        if r.nested.get("kvm_intel", "N") in ("Y", "1"):
-            return "kvm-vmx", "hardware VMX with kvm_intel nested=1"
-    if r.kvm_usable and r.svm:
-        if r.nested.get("kvm_amd", "0") in ("Y", "1"):
-            return "kvm-svm", "hardware SVM with kvm_amd nested=1"
+    if r.kvm_usable and r.vmx and r.nested.get("kvm_intel", "N") in ("Y", "1"):
+        return "kvm-vmx", "hardware VMX with kvm_intel nested=1"
+    if r.kvm_usable and r.svm and r.nested.get("kvm_amd", "0") in ("Y", "1"):
+        return "kvm-svm", "hardware SVM with kvm_amd nested=1"
     if r.qemu_version is None:
         return None, "no qemu-system-x86_64"
     why = "no usable hardware virtualization" if not r.kvm_usable else "host KVM has nested=0"
@@ -154,6 +151,3 @@ def format_report(r: HostReport) -> str:
     lines.append("a lab can run here" if r.can_run else "a lab cannot run here yet")
     return "\n".join(lines)
 
-
-def running_as_root() -> bool:
-    return os.geteuid() == 0

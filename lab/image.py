@@ -16,12 +16,14 @@ import re
 import shutil
 import subprocess
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
 from lab import schema
 from lab.cache import file_sha256, locked
+from lab.cpio import Tree
 from lab.errors import LabError, UsageError
 from lab.kernel import DebianKernel, DebugFiles, KernelSource, TreeKernel, resolve_modules
 from lab.keys import client_key, make_host_key
@@ -165,7 +167,7 @@ class Plan:
 
 
 class Builder:
-    def __init__(self, cache: Path, log: callable = print) -> None:  # type: ignore[valid-type]
+    def __init__(self, cache: Path, log: Callable[[str], None] = print) -> None:
         self.cache = cache
         self.log = log
 
@@ -211,7 +213,8 @@ class Builder:
             }
             (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
             tmp.rename(out)
-            self.log(f"built image {out.name}: initrd {manifest['initrd_bytes'] >> 20} MiB "
+            size = (out / "initrd.cpio").stat().st_size
+            self.log(f"built image {out.name}: initrd {size >> 20} MiB "
                      f"in {manifest['build_seconds']} s")
             return BuiltImage.load(out)
 
@@ -221,8 +224,8 @@ class Builder:
     def _plan(self, recipe: Recipe, module_root: Path, release: str,
               child: BuiltImage | None) -> Plan:
         plan = Plan()
-        for dest, src in BASE_BINARIES.items():
-            plan.add_binary(dest, src)
+        for dest, binary in BASE_BINARIES.items():
+            plan.add_binary(dest, binary)
         # /init is busybox's init applet (argv[0] basename "init"): it reaps orphans and
         # handles poweroff, which a shell as PID 1 would not.
         plan.links["init"] = "bin/busybox"
@@ -251,7 +254,7 @@ class Builder:
             for fw in QEMU_FIRMWARE:
                 # Debian keeps SeaBIOS in its own package's directory.
                 for d in ("/usr/share/qemu", "/usr/share/seabios"):
-                    src = Path(d) / fw
+                    src = Path(d, fw)
                     if src.exists():
                         plan.files[f"usr/share/qemu/{fw}"] = Path(os.path.realpath(src))
                         break
@@ -262,9 +265,7 @@ class Builder:
         return plan
 
     @staticmethod
-    def _tree(plan: Plan) -> object:
-        from lab.cpio import Tree
-
+    def _tree(plan: Plan) -> Tree:
         tree = Tree()
         for d in ("proc", "sys", "dev", "tmp", "run", "root", "etc", "var", "lab"):
             tree.mkdir(d)
@@ -287,16 +288,15 @@ def _modules_dep(plan: Plan, release: str) -> bytes:
     deps = {name: d for name, _, d in plan.modules}
     path = {name: dest.removeprefix(prefix) for name, dest, _ in plan.modules}
     lines = []
+    def closure(n: str, order: list[str]) -> list[str]:
+        for d in deps[n]:
+            if d not in order:
+                closure(d, order)
+                order.append(d)
+        return order  # dependencies first (post-order)
+
     for name in deps:
-        order: list[str] = []  # dependencies first (post-order)
-
-        def walk(n: str) -> None:
-            for d in deps[n]:
-                if d not in order:
-                    walk(d)
-                    order.append(d)
-
-        walk(name)
+        order = closure(name, [])
         lines.append(f"{path[name]}: {' '.join(path[d] for d in reversed(order))}".rstrip())
     return ("\n".join(lines) + "\n").encode()
 

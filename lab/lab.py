@@ -111,14 +111,16 @@ class Lab:
         """Raise at once if a level crashed or L0's QEMU is gone."""
         if self._crashed is not None:
             raise self._crashed.crash_error()
-        if self.vm is not None and self.vm.proc is not None and self.vm.proc.poll() is not None:
-            # QEMU exits on a panic (panic=-1, -no-reboot): let the console tell why.
-            for st in self.levels.values():
-                if st.console:
-                    st.console.settle(quiet=0.5, limit=2.0)
-            if self._crashed is not None:
-                raise self._crashed.crash_error()
-            self.vm.check_alive()
+        vm = self.vm
+        if vm is None or vm.proc is None or vm.proc.poll() is None:
+            return
+        # QEMU exits on a panic (panic=-1, -no-reboot): let the console tell why.
+        for st in self.levels.values():
+            if st.console:
+                st.console.settle(quiet=0.5, limit=2.0)
+        if self._crashed is not None:
+            raise self._crashed.crash_error()
+        vm.check_alive()
 
     # -- build -----------------------------------------------------------------------------
     def build(self) -> None:
@@ -188,13 +190,13 @@ class Lab:
             except LaunchError as e:
                 self.vm.stop()
                 # Another process may have taken the port between our probe and QEMU's bind.
-                if "hostfwd" in e.output or "Address already in use" in e.output:
-                    if attempt < 2:
-                        continue
+                port_race = "hostfwd" in e.output or "Address already in use" in e.output
+                if port_race and attempt < 2:
+                    continue
                 raise
         self._register()
         for n in names:
-            self.levels[n].console = self.vm.consoles[n]
+            self.levels[n].console = self.vm.consoles[n]  # type: ignore[union-attr]
         if self.hold:
             self.log(f"l0: CPUs held until a debugger continues them "
                      f"(gdb: target remote 127.0.0.1:{self.gdb_port})")
@@ -351,9 +353,9 @@ class Lab:
         self.up = False
         with contextlib.suppress(OSError):
             if (self.run_dir / "state.json").exists():
-                st = access.read_state(self.run_dir)
-                st["status"] = "down"
-                access.write_state(self.run_dir, st)
+                state = access.read_state(self.run_dir)
+                state["status"] = "down"
+                access.write_state(self.run_dir, state)
         shutil.rmtree(self.sock_dir, ignore_errors=True)
         self.registry.remove(self.id)
 

@@ -19,8 +19,11 @@ PARENT = {"l1": "l0", "l2": "l1"}
 # initramfs (held twice while QEMU loads it) and QEMU itself.
 PARENT_OVERHEAD_MB = 384
 
-_MODNAME = re.compile(r"^[a-z0-9_]+$")
-_PARAM = re.compile(r"^[a-z0-9_]+$")
+_NAME = re.compile(r"^[a-z0-9_]+$")
+
+
+def _is_name(s: str) -> bool:
+    return bool(_NAME.match(s))
 
 LEVEL_SPEC = schema.Map({
     "image": schema.Field(schema.Str(), default="default"),
@@ -28,8 +31,8 @@ LEVEL_SPEC = schema.Map({
     "cpus": schema.Field(schema.Int(minimum=1, maximum=64), default=1),
     "append": schema.Field(schema.Str(), default=""),
     "modules": schema.Field(schema.Dict(
-        schema.Dict(schema.Scalar(), key_check=_PARAM.match, key_what="a parameter name"),
-        key_check=_MODNAME.match, key_what="a module name (letters, digits, _)"), default=None),
+        schema.Dict(schema.Scalar(), key_check=_is_name, key_what="a parameter name"),
+        key_check=_is_name, key_what="a module name (letters, digits, _)"), default=None),
     "boot_timeout": schema.Field(schema.Int(minimum=1), default=None),
 })
 

@@ -50,9 +50,7 @@ class Report:
         return EXIT_INFRA
 
     def finish(self) -> None:
-        if self.error is not None:
-            self.status = "error"
-        elif any(s.status == "error" for s in self.steps):
+        if self.error is not None or any(s.status == "error" for s in self.steps):
             self.status = "error"
         elif any(s.status == "failed" for s in self.steps):
             self.status = "failed"

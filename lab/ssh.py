@@ -87,7 +87,8 @@ class SSHSession:
         t.set_keepalive(15)
         self.transport = t
 
-    def connect(self, deadline: float, check: Callable[[], None] | None = None) -> int:
+    def connect(self, deadline: float, check: Callable[[], None] | None = None,
+                attempt_timeout: float = 10.0) -> int:
         """Retry until connected or `deadline` (monotonic); return the number of attempts.
 
         `check` runs between attempts (e.g. to fail fast when the VM crashed).
@@ -101,7 +102,7 @@ class SSHSession:
                 raise SSHError(f"{self.level}: SSH did not answer in time (after {attempts - 1} "
                                f"attempts; last error: {last})", level=self.level)
             try:
-                self.connect_once(timeout=min(10.0, max(left, 1.0)))
+                self.connect_once(timeout=min(attempt_timeout, max(left, 1.0)))
                 return attempts
             except SSHError as e:
                 if "host key mismatch" in str(e):
@@ -184,15 +185,22 @@ class SSHSession:
                            level=self.level)
 
     # -- files -----------------------------------------------------------------------------
+    def _sftp(self) -> paramiko.SFTPClient:
+        sftp = paramiko.SFTPClient.from_transport(self.require())
+        if sftp is None:
+            raise SSHError(f"{self.level}: no SFTP subsystem", level=self.level)
+        chan = sftp.get_channel()
+        if chan is not None:
+            chan.settimeout(60)
+        return sftp
+
     def put(self, local: Path, remote: str, mode: int | None = None) -> None:
-        with paramiko.SFTPClient.from_transport(self.require()) as sftp:  # type: ignore[union-attr]
-            sftp.get_channel().settimeout(60)
+        with self._sftp() as sftp:
             sftp.put(str(local), remote)
             sftp.chmod(remote, mode if mode is not None else (local.stat().st_mode & 0o777))
 
     def get(self, remote: str, local: Path) -> None:
-        with paramiko.SFTPClient.from_transport(self.require()) as sftp:  # type: ignore[union-attr]
-            sftp.get_channel().settimeout(60)
+        with self._sftp() as sftp:
             sftp.get(remote, str(local))
 
 

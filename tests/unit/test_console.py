@@ -39,7 +39,8 @@ def test_recorded_warning_is_detected(data: Path) -> None:
     ("[    3.1] BUG: KASAN: use-after-free in kvm_mmu_free_roots+0x1c/0x300", "KASAN"),
     ("[    3.1] Oops: 0002 [#1] PREEMPT SMP NOPTI", "Oops"),
     ("[    3.1] WARNING: CPU: 0 PID: 1 at arch/x86/kvm/mmu/mmu.c:3461 f+0x1/0x2", "WARNING"),
-    ("[    3.1] general protection fault, probably for non-canonical address", "general protection fault"),
+    ("[    3.1] general protection fault, probably for non-canonical address",
+     "general protection fault"),
     ("LAB-INIT: ready", None),
     ("debug: BUGS: none", None),
 ])

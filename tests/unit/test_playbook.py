@@ -92,7 +92,8 @@ def test_child_memory_must_fit(tmp_path: Path) -> None:
 
 
 def test_parent_needs_nested(tmp_path: Path) -> None:
-    text = GOOD.replace("    memory: 2048\n", "    memory: 2048\n    modules: {kvm_amd: {nested: 0}}\n")
+    text = GOOD.replace("    memory: 2048\n",
+                        "    memory: 2048\n    modules: {kvm_amd: {nested: 0}}\n")
     assert "modules.kvm_amd.nested: l0 runs l1, so it needs nested=1" in error_of(tmp_path, text)
 
 
