@@ -115,6 +115,10 @@ def _execute(args: argparse.Namespace, serve: bool) -> int:
             phase, t = "boot", time.monotonic()
             lab.boot()
             rep.phases["boot"] = round(time.monotonic() - t, 3)
+            if pb.probes:
+                phase, t = "probes", time.monotonic()
+                lab.start_probes()
+                rep.phases["probes_attach"] = round(time.monotonic() - t, 3)
             if serve:
                 phase = "up"
                 _serve_until_stopped(lab)
@@ -123,6 +127,9 @@ def _execute(args: argparse.Namespace, serve: bool) -> int:
                 lab.run_steps()
                 rep.phases["steps"] = round(time.monotonic() - t, 3)
             phase, t = "teardown", time.monotonic()
+            lab.stop_probes()
+            rep.phases["probes_detach"] = round(time.monotonic() - t, 3)
+            t = time.monotonic()
             lab.teardown()
             rep.phases["teardown"] = round(time.monotonic() - t, 3)
     except KeyboardInterrupt:
@@ -217,6 +224,8 @@ def cmd_up(args: argparse.Namespace) -> int:
             with contextlib.suppress(UsageError):
                 st = access.read_state(run_dir)
             status = st.get("status")
+            if args.hold and status == "held":
+                break
             if status == "up" and (args.hold or all(
                     "ssh_ready" in lv.get("timeline", {}) for lv in st["levels"].values())):
                 break
@@ -235,9 +244,27 @@ def cmd_up(args: argparse.Namespace) -> int:
         print(f"  {name}: lab ssh {name}    or    ssh -F {run_dir}/ssh_config {name}"
               + (f"  (via {lv['via']})" if lv.get("via") else ""))
     print(f"  consoles: {run_dir}/<level>.console.log")
-    print(f"  gdb stub: 127.0.0.1:{st.get('gdb_port')} (L0)")
+    print(f"  gdb:      lab gdb    or    gdb -x {run_dir}/gdbinit   (L0's gdbstub, "
+          f"127.0.0.1:{st.get('gdb_port')})")
+    if status == "held":
+        print("  L0's CPUs are held: `continue` in gdb boots it")
     print(f"  stop:     lab down --run {run_dir}")
     return 0
+
+
+def cmd_gdb(args: argparse.Namespace) -> int:
+    run_dir = access.find_run(args.run)
+    st = access.read_state(run_dir)
+    if st.get("status") not in ("up", "held", "booting"):
+        raise UsageError(f"{run_dir}: the lab is {st.get('status')}, not up")
+    if st.get("gdbstub_owner") == "probes":
+        # QEMU's gdbstub takes one debugger at a time.
+        raise UsageError(f"{run_dir}: L0's gdbstub is held by the playbook's probes until they "
+                         f"finish; try again when `lab` reports them detached")
+    if not (run_dir / "gdbinit").exists():
+        raise UsageError(f"{run_dir}: no gdbinit (the image has no debug symbols)")
+    os.execvp("gdb", ["gdb", "-q", "-x", str(run_dir / "gdbinit"), *args.gdb_args])
+    return 0  # not reached
 
 
 def cmd_down(args: argparse.Namespace) -> int:
@@ -382,6 +409,11 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("src")
     c.add_argument("dst")
     c.set_defaults(func=cmd_cp)
+
+    g = sub.add_parser("gdb", help="the real gdb, attached to a running lab's L0 with symbols")
+    g.add_argument("--run", help="run directory (default: the most recent lab that is up)")
+    g.add_argument("gdb_args", nargs=argparse.REMAINDER, help="more arguments for gdb")
+    g.set_defaults(func=cmd_gdb)
 
     dn = sub.add_parser("down", help="stop a running lab")
     dn.add_argument("--run", help="run directory (default: the most recent lab that is up)")

@@ -198,7 +198,11 @@ class Builder:
             (tmp / "host_key").unlink()  # the private half lives only inside the image
             debug = None
             if with_debug:
+                from lab.symbols import indexed_vmlinux
+
                 debug = recipe.kernel.fetch_debug(self.cache)
+                if debug.vmlinux.exists():
+                    indexed_vmlinux(debug.vmlinux, self.cache)  # once; `lab gdb` starts fast
             manifest = {
                 "key": key, "recipe": recipe.name, "recipe_path": str(recipe.path),
                 "kernel": {"release": kernel.release, "source": kernel.label,

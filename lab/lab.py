@@ -33,6 +33,7 @@ from lab.errors import (
 from lab.image import Builder, BuiltImage, load_recipe
 from lab.keys import client_key
 from lab.playbook import Level, Playbook
+from lab.probes import GdbProbes, timeline
 from lab.profiles import Profile
 from lab.qemu import QemuVM, Serial, VMSpec, free_port, shell_command
 from lab.report import Report, StepResult
@@ -80,6 +81,8 @@ class Lab:
                              run_dir=str(run_dir), profile=profile.name,
                              started=datetime.datetime.now().isoformat(timespec="seconds"))
         self.up = False
+        self.probes: GdbProbes | None = None
+        self.gdbstub_owner = "free"
 
     # -- lifecycle -------------------------------------------------------------------------
     def __enter__(self) -> Lab:
@@ -163,6 +166,7 @@ class Lab:
             self._write_access()
         self.up = True
         self._register(up=True)
+        self._write_gdbinit(modules=True)
         self._write_access()
 
     def _boot_l0(self) -> None:
@@ -198,8 +202,10 @@ class Lab:
         for n in names:
             self.levels[n].console = self.vm.consoles[n]  # type: ignore[union-attr]
         if self.hold:
-            self.log(f"l0: CPUs held until a debugger continues them "
-                     f"(gdb: target remote 127.0.0.1:{self.gdb_port})")
+            self._write_gdbinit(modules=False)
+            access.write_state(self.run_dir, self.state("held"))
+            self.log(f"l0: CPUs held until a debugger continues them: "
+                     f"gdb -x {self.run_dir}/gdbinit (then `continue`)")
         self._await_level("l0", since=0)
 
     def _await_level(self, name: str, since: int,
@@ -296,6 +302,90 @@ class Lab:
 
         self._await_level(name, since=since, alive=alive)
 
+    # -- debugging ---------------------------------------------------------------------------
+    def debug_files(self) -> tuple[Path, Path, Path | None]:
+        """(indexed vmlinux, module debug root, System.map) of L0's kernel."""
+        from lab.symbols import indexed_vmlinux
+
+        st = self.levels["l0"]
+        assert st.image is not None
+        dbg: dict[str, str] | None = st.image.manifest.get("debug")  # type: ignore[assignment]
+        if not dbg:
+            raise LabError("l0's image was built without debug symbols (lab images build "
+                           "without --no-debug)", level="l0")
+        smap = Path(dbg["system_map"]) if dbg.get("system_map") else None
+        return (indexed_vmlinux(Path(dbg["vmlinux"]), self.cache), Path(dbg["module_root"]),
+                smap)
+
+    def _write_gdbinit(self, modules: bool) -> None:
+        """RUN/gdbinit: what `lab gdb` (or `gdb -x RUN/gdbinit`) runs to attach to L0."""
+        from lab.gdb import add_symbol_file_command
+        from lab.symbols import kaslr_offset, loaded_modules
+
+        try:
+            vmlinux, module_root, smap = self.debug_files()
+        except LabError as e:
+            self.log(f"no gdbinit: {e}")
+            return
+        lines = ["# Written by `lab`: attaches to L0's gdbstub with the kernel's symbols.",
+                 "set pagination off", "set confirm off"]
+        ssh = self.levels["l0"].ssh
+        offset = kaslr_offset(ssh, smap) if modules and ssh else 0
+        lines.append(f"symbol-file {vmlinux}" + (f" -o {offset:#x}" if offset else ""))
+        lines.append(f"target remote 127.0.0.1:{self.gdb_port}")
+        if modules and ssh is not None:
+            for m in loaded_modules(ssh, module_root):
+                lines.append(add_symbol_file_command(m.debug_file, m.sections, m.present))
+        (self.run_dir / "gdbinit").write_text("\n".join(lines) + "\n")
+
+    def start_probes(self) -> None:
+        """Attach gdb to L0, load symbols and modules, arm the playbook's probes."""
+        from lab.gdb import GdbSession
+        from lab.symbols import kaslr_offset, loaded_modules
+
+        specs = self.pb.probe_specs(self.profile.vendor)
+        if not specs:
+            return
+        l0 = self.levels["l0"]
+        assert l0.ssh is not None
+        vmlinux, module_root, smap = self.debug_files()
+        # Read what needs L0 running (SSH) before gdb stops it.
+        offset = kaslr_offset(l0.ssh, smap)
+        mods = loaded_modules(l0.ssh, module_root)
+        gdb = GdbSession(self.run_dir / "gdb.log")
+        self.gdbstub_owner = "probes"
+        access.write_state(self.run_dir, self.state())
+        t_load = gdb.load_kernel(vmlinux, offset)
+        t = time.monotonic()
+        gdb.attach(f"127.0.0.1:{self.gdb_port}")
+        for m in mods:
+            gdb.add_module(m.debug_file, m.sections, m.present)
+        ready = time.monotonic() - t
+        self.probes = GdbProbes(gdb, specs, self.t0, log=self.log)
+        self.probes.start()
+        self.report.probe_backend = "gdb"
+        self.report.gdb = {"vmlinux": str(vmlinux), "kaslr_offset": offset,
+                           "load_vmlinux_s": round(t_load, 3),
+                           "ready_after_attach_s": round(ready, 3),
+                           "modules": [m.name for m in mods],
+                           "probe_sets": sorted({s.origin for s in specs})}
+        self.log(f"gdb: attached to L0, {len(mods)} modules, ready {ready:.2f} s after attach; "
+                 f"{len(specs)} probes armed ({', '.join(s.name for s in specs)})")
+
+    def stop_probes(self) -> None:
+        if self.probes is None:
+            return
+        probes, self.probes = self.probes, None
+        try:
+            probes.stop()
+        finally:
+            probes.gdb.close()
+            self.gdbstub_owner = "free"
+            self.report.probes = probes.results()
+            self.report.probe_timeline = timeline(self.report.probes)
+            if probes.error:
+                self.report.gdb["error"] = probes.error
+
     def _write_access(self) -> None:
         levels = [access.LevelAccess(n, st.ssh_port, st.level.parent, st.image.host_key)
                   for n, st in self.levels.items() if st.image is not None and st.ssh_port]
@@ -308,6 +398,7 @@ class Lab:
             "owner_pid": os.getpid(), "playbook": str(self.pb.path), "profile": self.profile.name,
             "run_dir": str(self.run_dir), "sock_dir": str(self.sock_dir),
             "key_file": str(self.key_file), "gdb_port": self.gdb_port,
+            "gdbstub_owner": self.gdbstub_owner,
             "qemu_pid": self.vm.pid if self.vm else None,
             "levels": {n: {"port": st.ssh_port, "via": st.level.parent,
                            "host_key": st.image.host_key if st.image else None,
@@ -343,6 +434,10 @@ class Lab:
 
     # -- teardown --------------------------------------------------------------------------
     def teardown(self) -> None:
+        try:
+            self.stop_probes()
+        except Exception as e:
+            self.report.gdb["error"] = f"stopping probes: {e}"
         for st in reversed(list(self.levels.values())):
             if st.ssh is not None:
                 with contextlib.suppress(Exception):

@@ -9,9 +9,11 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from lab import schema
 from lab.errors import UsageError
+from lab.probes import PROBE_SPEC, load_probes
 
 LEVELS = ("l0", "l1", "l2")
 PARENT = {"l1": "l0", "l2": "l1"}
@@ -52,6 +54,7 @@ PLAYBOOK_SPEC = schema.Map({
     "topology": schema.Field(schema.Dict(LEVEL_SPEC, key_check=lambda k: k in LEVELS,
                                          key_what="a level (l0, l1, l2)"), required=True),
     "steps": schema.Field(schema.List(STEP_SPEC), default=None),
+    "probes": schema.Field(schema.List(PROBE_SPEC), default=None),
 })
 
 DEFAULT_MEMORY = {"l0": 1024, "l1": 1024, "l2": 256}
@@ -93,6 +96,10 @@ class Playbook:
     profile: str
     levels: dict[str, Level]
     steps: list[Step] = field(default_factory=list)
+    probes: list[Any] = field(default_factory=list)  # validated items; expanded per vendor
+
+    def probe_specs(self, vendor: str) -> list[Any]:
+        return load_probes(self.probes, vendor)
 
     def child(self, level: str) -> str | None:
         for name, parent in PARENT.items():
@@ -167,5 +174,7 @@ def load(path: Path) -> Playbook:
                              f"the topology (expected one of {', '.join(levels)})")
         steps.append(Step(name=st["name"] or f"step {i + 1}", on=st["on"], run=st["run"],
                           expect=st["expect"], timeout=st["timeout"], line=st.line))
+    probes = list(data["probes"] or [])
+    load_probes(probes, "amd")  # validates; the lab expands the sets for the real vendor
     return Playbook(path=path, name=data["name"] or path.stem, description=data["description"],
-                    profile=data["profile"], levels=levels, steps=steps)
+                    profile=data["profile"], levels=levels, steps=steps, probes=probes)

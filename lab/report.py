@@ -38,6 +38,10 @@ class Report:
     steps: list[StepResult] = field(default_factory=list)
     error: dict[str, Any] | None = None
     logs: dict[str, str] = field(default_factory=dict)
+    probe_backend: str | None = None
+    probes: list[dict[str, Any]] = field(default_factory=list)
+    probe_timeline: list[dict[str, Any]] = field(default_factory=list)
+    gdb: dict[str, Any] = field(default_factory=dict)
 
     @property
     def exit_status(self) -> int:
