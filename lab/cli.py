@@ -168,6 +168,11 @@ def _serve_until_stopped(lab: object) -> None:
     reported = False
     while True:
         time.sleep(0.5)
+        if lab.probes is not None and lab.probes.detached and lab.gdbstub_owner == "probes":
+            # The probes are done with L0's gdbstub: a person's gdb may have it now.
+            lab.gdbstub_owner = "free"
+            access.write_state(lab.run_dir, lab.state("up"))
+            _log("probes finished and detached; `lab gdb` can attach")
         try:
             lab.check()
         except LabError as e:
@@ -263,7 +268,8 @@ def cmd_gdb(args: argparse.Namespace) -> int:
                          f"finish; try again when `lab` reports them detached")
     if not (run_dir / "gdbinit").exists():
         raise UsageError(f"{run_dir}: no gdbinit (the image has no debug symbols)")
-    os.execvp("gdb", ["gdb", "-q", "-x", str(run_dir / "gdbinit"), *args.gdb_args])
+    extra = args.gdb_args[1:] if args.gdb_args[:1] == ["--"] else args.gdb_args
+    os.execvp("gdb", ["gdb", "-q", "-x", str(run_dir / "gdbinit"), *extra])
     return 0  # not reached
 
 

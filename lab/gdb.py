@@ -64,10 +64,12 @@ class GdbError(LabError):
 
 
 class GdbSession:
-    def __init__(self, log_path: Path, gdb: str = "gdb") -> None:
+    def __init__(self, log_path: Path, gdb: str = "gdb", controller: Any = None) -> None:
         self.log_file = open(log_path, "a")  # noqa: SIM115 (lives as long as the session)
-        self.ctl = GdbController(command=[gdb, "--nx", "--quiet", "--interpreter=mi3"],
-                                 time_to_check_for_additional_output_sec=0.01)
+        # `controller` replaces gdb with a recorded transcript in unit tests.
+        self.ctl = controller or GdbController(
+            command=[gdb, "--nx", "--quiet", "--interpreter=mi3"],
+            time_to_check_for_additional_output_sec=0.01)
         self.token = 0
         self.pending: collections.deque[dict[str, Any]] = collections.deque()
         self.running = False

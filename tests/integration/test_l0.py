@@ -153,3 +153,22 @@ def test_up_ssh_cp_down(tmp_path: Path) -> None:
     assert json.loads((out / "state.json").read_text())["status"] == "down"
     bad = lab("ssh", "--run", str(out), "l0", "--", "true")
     assert bad.returncode == 2 and "not up" in bad.stderr
+
+
+def test_up_hold_waits_for_the_debugger(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    r = lab("up", "--hold", "playbooks/smoke.yaml", "--out", str(out), timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    try:
+        state = json.loads((out / "state.json").read_text())
+        assert state["status"] == "held" and "gdb -x" in r.stdout + r.stderr
+        assert (out / "l0.console.log").read_text() == ""  # no CPU has run yet
+        g = subprocess.run(["gdb", "-batch", "-x", str(out / "gdbinit"), "-ex",
+                            "hbreak start_kernel", "-ex", "continue", "-ex", "detach"],
+                           capture_output=True, text=True, timeout=300)
+        assert "start_kernel" in g.stdout, g.stdout + g.stderr
+        wait_state(out, "up", timeout=180)
+        s = lab("ssh", "--run", str(out), "l0", "--", "uname", "-r", check=True)
+        assert s.stdout.strip()
+    finally:
+        lab("down", "--run", str(out), timeout=120)

@@ -66,6 +66,19 @@ def test_boot_timeline_per_level(nested_up: tuple[Path, dict[str, Any]]) -> None
         assert "LAB-INIT: ready" in (out / f"{level}.console.log").read_text(errors="replace")
 
 
+def test_gdbinit_breaks_in_the_vendor_module(nested_up: tuple[Path, dict[str, Any]]) -> None:
+    out, state = nested_up
+    fn = "nested_svm_vmexit" if state["profile"] != "kvm-vmx" else "nested_vmx_vmexit"
+    assert state["gdbstub_owner"] == "free"
+    # The person's route: gdb with the run's gdbinit (here through `lab gdb`, batch mode).
+    r = lab("gdb", "--run", str(out), "--", "-batch", "-ex", f"break {fn}", "-ex", "continue",
+            "-ex", "bt 1", "-ex", "delete", "-ex", "detach", timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert f"Breakpoint 1, {fn}" in r.stdout, r.stdout + r.stderr
+    # L0 runs on after the detach: l2 still answers.
+    lab("ssh", "--run", str(out), "l2", "--", "true", check=True)
+
+
 def test_down_leaves_no_qemu(nested_up: tuple[Path, dict[str, Any]]) -> None:
     out, state = nested_up
     assert qemu_pids(state["sock_dir"])
