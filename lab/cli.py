@@ -15,11 +15,11 @@ import time
 from pathlib import Path
 from types import FrameType
 
-from lab import access, doctor, playbook, procs
+from lab import access, doctor, playbook, procs, suite
 from lab.cache import cache_root
 from lab.errors import EXIT_INFRA, EXIT_USAGE, Aborted, LabError, UsageError
 from lab.profiles import PROFILES, Profile, get_profile
-from lab.report import summary
+from lab.report import Report, summary
 
 
 def _log(msg: str) -> None:
@@ -45,12 +45,12 @@ def resolve_profile(name: str) -> Profile:
     return get_profile(name)
 
 
-def default_run_dir(pb: playbook.Playbook) -> Path:
-    return Path("runs") / f"{datetime.datetime.now():%Y%m%d-%H%M%S}-{pb.name}"
+def default_run_dir(name: str) -> Path:
+    return Path("runs") / f"{datetime.datetime.now():%Y%m%d-%H%M%S}-{name}"
 
 
-def _new_run_dir(out: str | None, pb: playbook.Playbook) -> Path:
-    d = Path(out) if out else default_run_dir(pb)
+def _new_run_dir(out: str | None, name: str) -> Path:
+    d = Path(out) if out else default_run_dir(name)
     d = d.resolve()
     if (d / "state.json").exists():
         st = access.read_state(d)
@@ -92,16 +92,56 @@ def cmd_images_build(args: argparse.Namespace) -> int:
 
 
 # -- run / up / down -----------------------------------------------------------------------
-def _execute(args: argparse.Namespace, serve: bool) -> int:
-    from lab.lab import Lab, error_dict
-
-    t0 = time.monotonic()
-    pb = playbook.load(Path(args.playbook))
-    profile = resolve_profile(args.profile or pb.profile)
-    run_dir = Path(args.out).resolve() if serve else _new_run_dir(args.out, pb)
+def _kernel_tree(args: argparse.Namespace) -> Path | None:
     tree = Path(args.kernel_tree).resolve() if args.kernel_tree else None
     if tree is not None and not tree.is_dir():
         raise UsageError(f"--kernel-tree {args.kernel_tree}: not a directory")
+    return tree
+
+
+def _execute(args: argparse.Namespace, serve: bool) -> int:
+    t0 = time.monotonic()
+    path = Path(args.playbook)
+    if not serve and suite.is_suite(path):
+        return _run_suite(args, path)
+    pb = playbook.load(path)
+    profile = resolve_profile(args.profile or pb.profile)
+    run_dir = Path(args.out).resolve() if serve else _new_run_dir(args.out, pb.name)
+    rep = _run_playbook(pb, run_dir, profile, _kernel_tree(args), args, serve, t0)
+    print(summary(rep), file=sys.stderr if serve else sys.stdout)
+    return rep.exit_status
+
+
+def _run_suite(args: argparse.Namespace, path: Path) -> int:
+    t0 = time.monotonic()
+    s = suite.load(path)  # validates every playbook before anything boots
+    tree = _kernel_tree(args)
+    run_dir = _new_run_dir(args.out, s.name)
+    runs = []
+    for i, entry in enumerate(s.entries):
+        pb = playbook.load(entry.playbook)
+        profile = resolve_profile(args.profile or pb.profile)
+        sub_dir = run_dir / f"{i + 1:02d}-{pb.name}"
+        sub_dir.mkdir(parents=True, exist_ok=True)
+        _log(f"suite {s.name}: [{i + 1}/{len(s.entries)}] {pb.name} (expect {entry.expect})")
+        rep = _run_playbook(pb, sub_dir, profile, tree, args, False, time.monotonic())
+        print(summary(rep))
+        runs.append((entry, sub_dir, rep.to_dict()))
+        if rep.error and rep.error.get("kind") == "aborted":
+            break
+    code = suite.write(s, run_dir, runs, time.monotonic() - t0)
+    for entry, _, r in runs:
+        met, why = suite.outcome(entry.expect, r)
+        print(f"  {'met ' if met else 'NOT '} {entry.playbook.name}: {why}")
+    print(f"{s.name}: {'PASSED' if code == 0 else 'FAILED'} (exit {code}); "
+          f"{run_dir}/junit.xml, {run_dir}/report.html")
+    return code
+
+
+def _run_playbook(pb: playbook.Playbook, run_dir: Path, profile: Profile, tree: Path | None,
+                  args: argparse.Namespace, serve: bool, t0: float) -> Report:
+    from lab.lab import Lab, error_dict
+
     lab = Lab(pb, run_dir, profile, cache_root(), kernel_tree=tree,
               hold=getattr(args, "hold", False), log=_log)
     rep = lab.report
@@ -155,8 +195,7 @@ def _execute(args: argparse.Namespace, serve: bool) -> int:
             st = lab.state("down" if rep.error is None else "error")
             st["error"] = rep.error
             access.write_state(run_dir, st)
-    print(summary(rep), file=sys.stderr if serve else sys.stdout)
-    return rep.exit_status
+    return rep
 
 
 def _serve_until_stopped(lab: object) -> None:
@@ -199,10 +238,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_up(args: argparse.Namespace) -> int:
+    if suite.is_suite(Path(args.playbook)):
+        raise UsageError(f"{args.playbook}: a suite runs with `lab run`, not `lab up`")
     pb = playbook.load(Path(args.playbook))  # bad input fails here, before anything starts
     if args.profile:
         get_profile(args.profile)
-    run_dir = _new_run_dir(args.out, pb)
+    run_dir = _new_run_dir(args.out, pb.name)
     (run_dir / "state.json").unlink(missing_ok=True)
     cmd = [sys.executable, "-m", "lab", "_serve", str(Path(args.playbook).resolve()),
            "--out", str(run_dir)]

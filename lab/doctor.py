@@ -21,6 +21,8 @@ TOOLS: dict[str, tuple[str, str]] = {
     "apt-get": ("apt-get", "apt"),
     "dpkg-deb": ("dpkg-deb", "dpkg"),
     "seabios": ("/usr/share/seabios/bios-256k.bin", "seabios"),
+    "gcc": ("gcc", "gcc"),
+    "linux/kvm.h": ("/usr/include/linux/kvm.h", "linux-libc-dev"),
 }
 
 

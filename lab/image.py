@@ -27,6 +27,7 @@ from lab.cpio import Tree
 from lab.errors import LabError, UsageError
 from lab.kernel import DebianKernel, DebugFiles, KernelSource, TreeKernel, resolve_modules
 from lab.keys import client_key, make_host_key
+from lab.tools import build as build_tools
 
 FORMAT = 1  # bump when the builder's output changes for the same inputs
 
@@ -248,6 +249,10 @@ class Builder:
         plan.data["etc/hosts"] = (b"127.0.0.1 localhost\n", 0o644)
         _, pub = client_key(self.cache)
         plan.data["root/.ssh/authorized_keys"] = (pub.encode() + b"\n", 0o600)
+        # The guest-side test suites (TAP): svm-npt-test runs as a bare-metal L1 from this
+        # level's userspace, kvm-mutate drives this level's KVM from a Linux level.
+        for tool, path in build_tools(self.cache).items():
+            plan.files[f"usr/local/bin/{tool}"] = path
         for name, ko, deps in resolve_modules(module_root, recipe.modules):
             dest = f"lib/modules/{release}/kernel/{ko.relative_to(module_root)}"
             plan.files[dest] = ko

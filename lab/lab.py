@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lab import access, procs
+from lab import access, inject, procs, tap
 from lab.console import Console, ConsoleTimeout
 from lab.errors import (
     EXIT_USAGE,
@@ -339,12 +339,13 @@ class Lab:
         (self.run_dir / "gdbinit").write_text("\n".join(lines) + "\n")
 
     def start_probes(self) -> None:
-        """Attach gdb to L0, load symbols and modules, arm the playbook's probes."""
+        """Attach gdb to L0, load symbols and modules; inject the playbook's bug and arm its
+        probes. Without probes, gdb leaves again at once (an injected patch stays)."""
         from lab.gdb import GdbSession
         from lab.symbols import kaslr_offset, loaded_modules
 
         specs = self.pb.probe_specs(self.profile.vendor)
-        if not specs:
+        if not specs and not self.pb.inject:
             return
         l0 = self.levels["l0"]
         assert l0.ssh is not None
@@ -361,6 +362,12 @@ class Lab:
         for m in mods:
             gdb.add_module(m.debug_file, m.sections, m.present)
         ready = time.monotonic() - t
+        if self.pb.inject:
+            inj = inject.resolve(self.pb.inject, self.profile.vendor)
+            patches = inject.apply(gdb, inj)
+            self.report.injection = inject.describe(inj, patches)
+            self.log(f"injected {inj.name}: " + ", ".join(
+                f"{p.instruction} at {p.address:#x} ({p.function})" for p in patches))
         self.probes = GdbProbes(gdb, specs, self.t0, log=self.log)
         self.probes.start()
         self.report.probe_backend = "gdb"
@@ -424,11 +431,18 @@ class Lab:
                 raise
             res.exit_status, res.stdout, res.stderr = r.exit_status, r.stdout, r.stderr
             res.seconds = round(r.seconds, 3)
-            if r.exit_status == step.expect:
-                res.status = "passed"
-            else:
+            res.status = "passed"
+            if step.tap:
+                parsed = tap.parse(r.stdout)
+                res.cases = [c.to_dict() for c in parsed.cases]
+                if not parsed.cases:
+                    res.status, res.message = "failed", "no TAP output"
+                elif not parsed.ok:
+                    res.status, res.message = "failed", parsed.problems()
+            if res.status == "passed" and r.exit_status != step.expect:
                 res.status = "failed"
                 res.message = f"exit status {r.exit_status}, expected {step.expect}"
+            if res.status == "failed":
                 self.log(f"  FAILED: {res.message}\n{_indent(r.stdout + r.stderr)}")
             self.check()
 

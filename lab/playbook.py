@@ -13,6 +13,7 @@ from typing import Any
 
 from lab import schema
 from lab.errors import UsageError
+from lab.inject import NAMES as INJECTION_NAMES
 from lab.probes import PROBE_SPEC, load_probes
 
 LEVELS = ("l0", "l1", "l2")
@@ -44,6 +45,7 @@ STEP_SPEC = schema.Map({
     "run": schema.Field(schema.Str(), required=True),
     "expect": schema.Field(schema.Int(minimum=0, maximum=255), default=0),
     "timeout": schema.Field(schema.Int(minimum=1), default=120),
+    "tap": schema.Field(schema.Bool(), default=False),
 })
 
 PLAYBOOK_SPEC = schema.Map({
@@ -52,9 +54,11 @@ PLAYBOOK_SPEC = schema.Map({
     "profile": schema.Field(schema.Str(choices=("auto", "kvm-vmx", "kvm-svm", "tcg-svm")),
                             default="auto"),
     "topology": schema.Field(schema.Dict(LEVEL_SPEC, key_check=lambda k: k in LEVELS,
-                                         key_what="a level (l0, l1, l2)"), required=True),
+                                         key_what="a level (l0, l1, l2)")),
     "steps": schema.Field(schema.List(STEP_SPEC), default=None),
     "probes": schema.Field(schema.List(PROBE_SPEC), default=None),
+    "inject": schema.Field(schema.Str(choices=INJECTION_NAMES), default=None),
+    "extends": schema.Field(schema.Str(), default=None),
 })
 
 DEFAULT_MEMORY = {"l0": 1024, "l1": 1024, "l2": 256}
@@ -86,6 +90,7 @@ class Step:
     expect: int
     timeout: int
     line: int
+    tap: bool = False
 
 
 @dataclass
@@ -97,6 +102,7 @@ class Playbook:
     levels: dict[str, Level]
     steps: list[Step] = field(default_factory=list)
     probes: list[Any] = field(default_factory=list)  # validated items; expanded per vendor
+    inject: str | None = None
 
     def probe_specs(self, vendor: str) -> list[Any]:
         return load_probes(self.probes, vendor)
@@ -128,8 +134,31 @@ def find_image(playbook: Path, name: str) -> Path | None:
     return None
 
 
-def load(path: Path) -> Playbook:
+def _read(path: Path, seen: tuple[Path, ...] = ()) -> schema.Located:
+    """The playbook's fields, with `extends: BASE` filled in from the base playbook: every
+    top-level key the file itself sets replaces the base's."""
     data = schema.load(path, PLAYBOOK_SPEC)
+    if not data["extends"]:
+        if "topology" not in data.lines:
+            raise UsageError(f"{path}:1: topology: missing required field")
+        return data
+    base_path = (path.parent / data["extends"]).resolve()
+    if base_path in seen or base_path == path.resolve():
+        raise UsageError(f"{data.where('extends')}: extends: {data['extends']} extends itself")
+    if not base_path.exists():
+        raise UsageError(f"{data.where('extends')}: extends: no playbook {base_path}")
+    base = _read(base_path, (*seen, path.resolve()))
+    for key in data.lines:
+        if key != "extends":
+            base[key] = data[key]
+            base.lines[key] = data.lines[key]
+    if "name" not in data.lines:
+        base["name"] = None
+    return base
+
+
+def load(path: Path) -> Playbook:
+    data = _read(path)
     topo = data["topology"]
     if "l0" not in topo:
         raise UsageError(f"{topo.where()}: topology: missing required level l0")
@@ -173,8 +202,10 @@ def load(path: Path) -> Playbook:
             raise UsageError(f"{st.where('on')}: steps[{i}].on: level {st['on']} is not in "
                              f"the topology (expected one of {', '.join(levels)})")
         steps.append(Step(name=st["name"] or f"step {i + 1}", on=st["on"], run=st["run"],
-                          expect=st["expect"], timeout=st["timeout"], line=st.line))
+                          expect=st["expect"], timeout=st["timeout"], line=st.line,
+                          tap=st["tap"]))
     probes = list(data["probes"] or [])
     load_probes(probes, "amd")  # validates; the lab expands the sets for the real vendor
     return Playbook(path=path, name=data["name"] or path.stem, description=data["description"],
-                    profile=data["profile"], levels=levels, steps=steps, probes=probes)
+                    profile=data["profile"], levels=levels, steps=steps, probes=probes,
+                    inject=data["inject"])

@@ -23,6 +23,7 @@ class StepResult:
     stderr: str = ""
     seconds: float = 0.0
     message: str = ""
+    cases: list[dict[str, Any]] = field(default_factory=list)  # TAP cases, if the step has them
 
 
 @dataclass
@@ -42,6 +43,7 @@ class Report:
     probes: list[dict[str, Any]] = field(default_factory=list)
     probe_timeline: list[dict[str, Any]] = field(default_factory=list)
     gdb: dict[str, Any] = field(default_factory=dict)
+    injection: dict[str, Any] | None = None
 
     @property
     def exit_status(self) -> int:
@@ -69,6 +71,9 @@ class Report:
     def write(self, run_dir: Path) -> None:
         (run_dir / "report.json").write_text(json.dumps(self.to_dict(), indent=1) + "\n")
         (run_dir / "junit.xml").write_bytes(junit(self))
+        from lab import html
+
+        html.write(self.to_dict(), run_dir)
 
 
 def _clip(text: str, limit: int = 20000) -> str:
@@ -98,9 +103,21 @@ def junit(r: Report) -> bytes:
             err = ET.SubElement(case, "error", message=str(msg)[:500])
             err.text = str((r.error or {}).get("detail", ""))
     for s in r.steps:
+        total += s.seconds
+        for c in s.cases:
+            # One testcase per TAP case, under the level it ran at.
+            tc = ET.SubElement(suite, "testcase", classname=f"{r.name}.{s.level}.{s.name}",
+                               name=c["name"], time="0")
+            if c["status"] == "failed":
+                n_fail += 1
+                ET.SubElement(tc, "failure", message=c["message"][:500] or "failed")
+            elif c["status"] == "skipped":
+                ET.SubElement(tc, "skipped", message=c["message"][:500])
+        case_failed = any(c["status"] == "failed" for c in s.cases)
+        if s.cases and (s.status == "passed" or (s.status == "failed" and case_failed)):
+            continue  # the per-case testcases above tell it all
         case = ET.SubElement(suite, "testcase", classname=f"{r.name}.{s.level}", name=s.name,
                              time=f"{s.seconds:.3f}")
-        total += s.seconds
         if s.status == "failed":
             n_fail += 1
             f = ET.SubElement(case, "failure",
@@ -121,6 +138,7 @@ def junit(r: Report) -> bytes:
             str(r.error.get("detail", ""))
     suite.set("tests", str(len(suite.findall("testcase"))))
     suite.set("failures", str(n_fail))
+    suite.set("skipped", str(len(suite.findall("testcase/skipped"))))
     suite.set("errors", str(n_err))
     suite.set("time", f"{r.phases.get('total', total):.3f}")
     ET.indent(suites)

@@ -1,0 +1,144 @@
+"""Re-creating "L0 invalidates too little" in a running L0, through gdb.
+
+Each injection finds its instructions by disassembling one KVM function and checking each
+candidate against what DWARF says (struct offsets, call targets), then overwrites them with a
+NOP of the same length. A one-time code patch costs nothing per event (a breakpoint that skips
+the work costs ~10 ms per stop, FACTS.md) and needs no breakpoint command scripts, which
+pygdbmi cannot parse.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from lab.errors import LabError
+from lab.gdb import GdbSession
+
+NOP5 = "0f1f440000"
+KVM_REQ_MMU_SYNC = 8 + 3  # KVM_ARCH_REQ(3) in arch/x86/include/asm/kvm_host.h (4.x to 6.x)
+
+
+class InjectionError(LabError):
+    kind = "injection"
+
+
+@dataclass
+class Patch:
+    function: str
+    address: int
+    instruction: str
+    original: str
+    replacement: str
+
+
+@dataclass
+class Injection:
+    name: str
+    vendor: str
+    function: str
+    why: str
+
+    def locate(self, gdb: GdbSession) -> list[Patch]:
+        insns = disassemble(gdb, self.function)
+        if self.name == "skip-nested-mmu-sync":
+            return self._locate_request(gdb, insns, KVM_REQ_MMU_SYNC)
+        return self._locate_calls(insns, "kvm_mmu_free_roots")
+
+    def _locate_request(self, gdb: GdbSession, insns: list[dict[str, Any]],
+                        request: int) -> list[Patch]:
+        # kvm_make_request() is `lock orb $BIT, OFFSET(%reg)` on vcpu->requests (the kernel
+        # rewrites LOCK to DS on a 1-CPU guest: match both, decode rather than pattern-match).
+        ok, base = gdb.evaluate(["(unsigned long)&((struct kvm_vcpu *)0)->requests"])[0]
+        if not ok:
+            raise InjectionError(f"{self.name}: cannot read struct kvm_vcpu: {base}")
+        disp = int(base, 0) + request // 8
+        bit = 1 << (request % 8)
+        rx = re.compile(rf"^(?:lock |ds )?orb\s+\$0x{bit:x},0x{disp:x}\(%r\w+\)$")
+        found = [i for i in insns if rx.match(_text(i))]
+        patches = []
+        for i in found:
+            raw = i.get("opcodes", "").replace(" ", "")
+            if len(raw) != 10 or raw[:2] not in ("f0", "3e"):
+                raise InjectionError(f"{self.name}: unexpected encoding {raw} for {_text(i)}")
+            patches.append(Patch(self.function, int(i["address"], 16), _text(i), raw, NOP5))
+        if len(patches) != 1:
+            raise InjectionError(f"{self.name}: expected one KVM_REQ_MMU_SYNC request in "
+                                 f"{self.function}, found {len(patches)}")
+        return patches
+
+    def _locate_calls(self, insns: list[dict[str, Any]], callee: str) -> list[Patch]:
+        patches = []
+        for i in insns:
+            t = _text(i)
+            raw = i.get("opcodes", "").replace(" ", "")
+            if t.startswith("call") and f"<{callee}>" in t and raw.startswith("e8") \
+                    and len(raw) == 10:
+                patches.append(Patch(self.function, int(i["address"], 16), t, raw, NOP5))
+        if not patches:
+            raise InjectionError(f"{self.name}: no call to {callee} in {self.function}")
+        return patches
+
+
+INJECTIONS: dict[str, Injection] = {
+    i.name: i for i in (
+        Injection(
+            "skip-nested-mmu-sync", "amd", "nested_vmcb02_prepare_control",
+            "On nested VMRUN, L0 must resync guest_mmu (its shadow of L1's NPT) with whatever "
+            "L1 changed since; 6.1 ignores L1's TLB_CONTROL and relies on this "
+            "KVM_REQ_MMU_SYNC alone. Without it, leaves L0 has let go unsync keep their old "
+            "translation: the SVM twin of the seed's INVEPT bug."),
+        Injection(
+            "skip-invept-free-roots", "intel", "handle_invept",
+            "The seed's bug: handle_invept() decides which guest_mmu roots L1's INVEPT "
+            "invalidates and then does not free them, so L2 keeps L1's old EPT translations."),
+    )
+}
+ALIASES = {"invalidate-too-little": {"amd": "skip-nested-mmu-sync",
+                                     "intel": "skip-invept-free-roots"}}
+NAMES = (*ALIASES, *INJECTIONS)
+
+
+def resolve(name: str, vendor: str) -> Injection:
+    real = ALIASES.get(name, {}).get(vendor, name)
+    inj = INJECTIONS.get(real)
+    if inj is None:
+        raise InjectionError(f"unknown injection {name!r}")
+    if inj.vendor != vendor:
+        raise InjectionError(f"injection {real} is for {inj.vendor} hosts, this lab is {vendor}")
+    return inj
+
+
+def apply(gdb: GdbSession, inj: Injection) -> list[Patch]:
+    """Patch the running L0 (target stopped). Returns what was changed."""
+    patches = inj.locate(gdb)
+    for p in patches:
+        gdb.cmd(f"-data-write-memory-bytes {p.address:#x} {p.replacement}")
+        r, _ = gdb.cmd(f"-data-read-memory-bytes {p.address:#x} {len(p.replacement) // 2}")
+        now = r["payload"]["memory"][0]["contents"]
+        if now != p.replacement:
+            raise InjectionError(f"{inj.name}: write to {p.address:#x} did not stick ({now})")
+    return patches
+
+
+def restore(gdb: GdbSession, patches: list[Patch]) -> None:
+    for p in patches:
+        gdb.cmd(f"-data-write-memory-bytes {p.address:#x} {p.original}")
+
+
+def describe(inj: Injection, patches: list[Patch]) -> dict[str, Any]:
+    return {"name": inj.name, "vendor": inj.vendor, "function": inj.function, "why": inj.why,
+            "patches": [asdict(p) for p in patches]}
+
+
+def disassemble(gdb: GdbSession, function: str) -> list[dict[str, Any]]:
+    r, _ = gdb.cmd(f"-data-disassemble -a {function} -- 2", timeout=120)
+    insns: list[dict[str, Any]] = r["payload"].get("asm_insns", [])
+    if not insns:
+        raise InjectionError(f"cannot disassemble {function}")
+    return insns
+
+
+def _text(insn: dict[str, Any]) -> str:
+    return re.sub(r"\s+", " ", str(insn.get("inst", ""))).strip()
