@@ -87,15 +87,6 @@ def test_down_leaves_no_qemu(nested_up: tuple[Path, dict[str, Any]]) -> None:
     assert gone(state["sock_dir"], timeout=10)
 
 
-def test_nested_playbook_run(tmp_path: Path) -> None:
-    out = tmp_path / "run"
-    r = lab("run", "playbooks/nested.yaml", "--out", str(out), timeout=900)
-    assert r.returncode == 0, r.stdout + r.stderr
-    rep = report(out)
-    assert rep["status"] == "passed" and len(rep["steps"]) == 5
-    assert list(rep["levels"]) == ["l0", "l1", "l2"]
-
-
 def test_l2_kernel_crash_ends_the_run(tmp_path: Path) -> None:
     out = tmp_path / "run"
     t0 = time.monotonic()

@@ -1,0 +1,121 @@
+"""The nightly suite on this host, once: smoke, nested, invept (probes + both mutation suites)
+and invept with "L0 invalidates too little" injected, expected to fail."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import xml.etree.ElementTree as ET
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from .helpers import lab
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def nightly(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, int, dict[str, Any]]:
+    out = tmp_path_factory.mktemp("nightly") / "run"
+    r = lab("run", "playbooks/nightly.yaml", "--out", str(out), timeout=1800)
+    summary = json.loads((out / "report.json").read_text())
+    print(r.stdout[-3000:], r.stderr[-3000:])
+    return out, r.returncode, summary
+
+
+def sub_report(summary: dict[str, Any], name: str) -> dict[str, Any]:
+    run = next(x for x in summary["runs"] if Path(x["playbook"]).stem == name)
+    rep: dict[str, Any] = json.loads((Path(run["run_dir"]) / "report.json").read_text())
+    return rep
+
+
+def cases(rep: dict[str, Any]) -> dict[str, str]:
+    return {c["name"]: c["status"] for s in rep["steps"] for c in s.get("cases", [])}
+
+
+def test_nightly_passes(nightly: tuple[Path, int, dict[str, Any]]) -> None:
+    _, code, summary = nightly
+    assert code == 0, summary
+    assert [r["met"] for r in summary["runs"]] == [True] * 4
+    assert [r["status"] for r in summary["runs"]] == ["passed"] * 3 + ["failed"]
+
+
+def test_nested_playbook_in_the_suite(nightly: tuple[Path, int, dict[str, Any]]) -> None:
+    rep = sub_report(nightly[2], "nested")
+    assert rep["status"] == "passed" and list(rep["levels"]) == ["l0", "l1", "l2"]
+
+
+def test_invept_runs_both_suites(nightly: tuple[Path, int, dict[str, Any]]) -> None:
+    rep = sub_report(nightly[2], "invept")
+    c = cases(rep)
+    passed = [n for n, s in c.items() if s == "passed"]
+    assert len(passed) >= 6, c
+    assert any(n.startswith("svm/") for n in passed) and any(n.startswith("kvm/") for n in passed)
+    by_level = {s["level"] for s in rep["steps"] if s.get("cases")}
+    assert by_level == {"l0", "l1"}
+
+
+def test_invept_probes_capture_guest_mmu(nightly: tuple[Path, int, dict[str, Any]]) -> None:
+    rep = sub_report(nightly[2], "invept")
+    assert rep["probe_backend"] == "gdb"
+    assert rep["gdb"]["probe_sets"] in (["invalidation/svm"], ["invalidation/vmx"])
+    matching = []
+    for p in rep["probes"]:
+        assert p["error"] is None, p
+        for h in p["hits"]:
+            cap = h["captures"].get("entry", {})
+            gm = cap.get("guest_mmu", {})
+            pointer = cap.get("nested_cr3", cap.get("eptp12"))
+            if gm.get("active") and gm["current"]["valid"] and pointer is not None and \
+                    gm["current"]["pgd"] == pointer & ~0xFFF:
+                matching.append(h)
+                assert all(isinstance(e["hpa"], int) and isinstance(e["valid"], bool)
+                           for e in gm["previous"])
+    assert matching, "no hit where guest_mmu is active and shadows L1's nested CR3/EPTP"
+    assert rep["probe_timeline"]
+
+
+def test_injected_bug_is_caught(nightly: tuple[Path, int, dict[str, Any]]) -> None:
+    clean = cases(sub_report(nightly[2], "invept"))
+    rep = sub_report(nightly[2], "invept-bug-injected")
+    assert rep["status"] == "failed" and rep["exit_status"] == 1
+    assert rep["injection"]["patches"], rep["injection"]
+    injected = cases(rep)
+    caught = [n for n, s in injected.items() if s == "failed"]
+    assert caught and all(clean[n] == "passed" for n in caught)
+    # its own junit.xml has those failed cases
+    run = next(x for x in nightly[2]["runs"] if x["playbook"].endswith("injected.yaml"))
+    failed = [tc.get("name") for tc in ET.parse(Path(run["run_dir"]) / "junit.xml").iter("testcase")
+              if tc.find("failure") is not None]
+    assert set(caught) <= set(failed)
+
+
+def test_one_junit_for_the_ci_server(nightly: tuple[Path, int, dict[str, Any]]) -> None:
+    out = nightly[0]
+    root = ET.parse(out / "junit.xml").getroot()
+    names = [s.get("name") for s in root.findall("testsuite")]
+    assert names == ["smoke", "nested", "invept", "invept-bug-injected"]
+    assert sum(int(s.get("failures", "0")) for s in root.findall("testsuite")) == 0
+
+
+def test_reports_render_in_headless_chromium(nightly: tuple[Path, int, dict[str, Any]],
+                                            tmp_path: Path) -> None:
+    browser = shutil.which("chromium")
+    assert browser, "chromium is needed for this test (.ci/run installs it)"
+    out = nightly[0]
+    injected = next(x for x in nightly[2]["runs"] if x["playbook"].endswith("injected.yaml"))
+    for page, must in ((out / "report.html", ["PASSED", "invept-bug-injected", "met"]),
+                       (Path(injected["run_dir"]) / "report.html",
+                        ["FAILED", "Injected bug", "Boot timeline", "Probes", "svm/"])):
+        r = subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu",
+                            "--disable-quic", "--no-first-run", "--disable-background-networking",
+                            "--disable-component-update", "--disable-sync",
+                            f"--user-data-dir={tmp_path / 'profile'}", "--dump-dom",
+                            page.as_uri()], capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, r.stderr[-500:]
+        for text in must:
+            assert text in r.stdout, (page, text)
+        assert "<table" in r.stdout
