@@ -3,7 +3,8 @@
 
     .venv/bin/python benchmarks/bench.py images   # cold build with/without downloads, no-op rebuild
     .venv/bin/python benchmarks/bench.py smoke    # `lab run smoke` vs bare QEMU until SSH answers
-    .venv/bin/python benchmarks/bench.py nested   # `lab run nested`: per-level boot timeline
+    .venv/bin/python benchmarks/bench.py nested   # `lab run nested` vs the raw chain of poc/
+    .venv/bin/python benchmarks/bench.py probes   # invept.yaml with probes on and off
 
 Each prints one JSON object. Run one at a time on a 2-core machine.
 """
@@ -111,28 +112,104 @@ def bench_smoke(n: int) -> dict[str, object]:
     return res
 
 
+def run_playbook(path: Path, out: Path) -> tuple[float, dict[str, object]]:
+    t = time.monotonic()
+    subprocess.run([sys.executable, "-m", "lab", "run", str(path), "--out", str(out)],
+                   cwd=ROOT, capture_output=True)
+    rep: dict[str, object] = json.loads((out / "report.json").read_text())
+    return round(time.monotonic() - t, 3), rep
+
+
+def poc_raw_chain(work: Path) -> dict[str, float] | str:
+    """The throwaway chain of shared/reference/poc (its own /init launches the next level),
+    booted from the same Debian kernel: seconds from QEMU start to each level's /init."""
+    poc = ROOT.parent / "shared" / "reference" / "poc"
+    if not (poc / "nested-build.sh").exists():
+        return f"{poc} is not there"
+    from lab.kernel import DebianKernel
+
+    kernel = DebianKernel().fetch(cache_root())
+    w = work / "poc" / "work"
+    (w / "src").mkdir(parents=True)
+    shutil.copy(poc / "nested-build.sh", work / "poc" / "nested-build.sh")
+    shutil.copy(poc / "nested-init.sh", w / "src" / "init")
+    shutil.copy(poc / "kvmtest.c", w / "src" / "kvmtest.c")
+    (w / "kcloud").symlink_to(kernel.bzimage.parent.parent)
+    # No benchmarks inside the levels: only the boot chain is timed.
+    env = dict(os.environ,
+               L1_APPEND="console=ttyS0 nokaslr panic=-1 quiet feas.level=1 feas.next=1 "
+                         "feas.kvmtest=1,1",
+               L2_APPEND="console=ttyS0 nokaslr panic=-1 quiet feas.level=2 feas.next=0 "
+                         "feas.kvmtest=1,1")
+    subprocess.run(["bash", str(work / "poc" / "nested-build.sh")], check=True, env=env,
+                   capture_output=True)
+    cmd = ["qemu-system-x86_64", "-accel", "tcg", "-cpu", "max", "-m", "3072", "-smp", "1",
+           "-nographic", "-no-reboot", "-vga", "none", "-nic", "none", "-kernel",
+           str(kernel.bzimage), "-initrd", str(w / "initrd-L0.cpio"), "-append",
+           "console=ttyS0 nokaslr panic=-1 feas.level=0 feas.kvmtest=1,1 feas.next=1"]
+    t0 = time.monotonic()
+    p = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                         stderr=subprocess.STDOUT)
+    seen: dict[str, float] = {}
+    assert p.stdout is not None
+    try:
+        for raw in p.stdout:
+            line = raw.decode(errors="replace")
+            for lvl in ("0", "1", "2"):
+                if f"FEAS L{lvl}: /init reached" in line and f"l{lvl}" not in seen:
+                    seen[f"l{lvl}_init"] = round(time.monotonic() - t0, 3)
+                    seen[f"l{lvl}"] = 1
+            if "l2_init" in seen or time.monotonic() - t0 > 300:
+                break
+    finally:
+        p.kill()
+        p.wait()
+    return {k: v for k, v in seen.items() if k.endswith("_init")}
+
+
 def bench_nested() -> dict[str, object]:
     with tempfile.TemporaryDirectory() as d:
-        out = Path(d) / "run"
-        t = time.monotonic()
-        subprocess.run([sys.executable, "-m", "lab", "run", "playbooks/nested.yaml", "--out",
-                        str(out)], cwd=ROOT, check=True, capture_output=True)
-        total = round(time.monotonic() - t, 3)
-        rep = json.loads((out / "report.json").read_text())
-    l0 = rep["levels"]["l0"]["timeline"]["launch"]
+        total, rep = run_playbook(ROOT / "playbooks" / "nested.yaml", Path(d) / "run")
+        raw = poc_raw_chain(Path(d))
+    levels: dict[str, dict[str, dict[str, float]]] = rep["levels"]  # type: ignore[assignment]
+    l0 = levels["l0"]["timeline"]["launch"]
     per = {lv: {k: round(v - l0, 3) for k, v in info["timeline"].items()}
-           for lv, info in rep["levels"].items()}
-    return {"lab_run_total_s": total, "phases": rep["phases"],
-            "since_l0_launch_s": per,
-            "l2_ssh_ready_since_lab_start_s": rep["levels"]["l2"]["timeline"]["ssh_ready"]}
+           for lv, info in levels.items()}
+    return {"lab_run_total_s": total, "phases": rep["phases"], "lab_since_l0_launch_s": per,
+            "l2_ssh_ready_since_lab_start_s": levels["l2"]["timeline"]["ssh_ready"],
+            "poc_raw_chain_since_qemu_start_s": raw}
+
+
+def bench_probes() -> dict[str, object]:
+    with tempfile.TemporaryDirectory() as d:
+        off = Path(d) / "invept-no-probes.yaml"
+        off.write_text(f"extends: {ROOT / 'playbooks' / 'invept.yaml'}\nname: no-probes\n"
+                       "probes: []\n")
+        t_on, on = run_playbook(ROOT / "playbooks" / "invept.yaml", Path(d) / "on")
+        t_off, offr = run_playbook(off, Path(d) / "off")
+    hits = [h for p in on["probes"] for h in p["hits"]]  # type: ignore[attr-defined]
+    costs: dict[str, list[float]] = {}
+    for p in on["probes"]:  # type: ignore[attr-defined]
+        costs[p["name"]] = [h["cost_ms"] for h in p["hits"]]
+    rates = {}
+    for rep in (on, offr):
+        for s in rep["steps"]:  # type: ignore[attr-defined]
+            n = sum(1 for c in s.get("cases", []))
+            if n:
+                rates[f"{rep['name']}:{s['level']}"] = round(n / max(s["seconds"], 1e-3), 2)
+    return {"with_probes_total_s": t_on, "without_probes_total_s": t_off,
+            "slowdown": round(t_on / t_off, 3), "phases_with": on["phases"],
+            "phases_without": offr["phases"], "gdb": on["gdb"], "hits": len(hits),
+            "hit_cost_ms": costs, "cases_per_second_by_level": rates}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("what", choices=["images", "smoke", "nested"])
+    ap.add_argument("what", choices=["images", "smoke", "nested", "probes"])
     ap.add_argument("-n", type=int, default=3, help="repetitions (smoke)")
     a = ap.parse_args()
-    fn = {"images": bench_images, "smoke": lambda: bench_smoke(a.n), "nested": bench_nested}
+    fn = {"images": bench_images, "smoke": lambda: bench_smoke(a.n), "nested": bench_nested,
+          "probes": bench_probes}
     print(json.dumps(fn[a.what](), indent=1))
 
 

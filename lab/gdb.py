@@ -93,6 +93,10 @@ class GdbSession:
             raise GdbError(f"gdb: {e}") from None
         for r in recs:
             self._log("<", r)
+            # Records are handled in arrival order, so a *stopped that came in the same read
+            # as ^running leaves the state at "stopped".
+            if r.get("type") == "result" and r.get("message") == "running":
+                self.running = True
             if r.get("type") == "notify":
                 if r.get("message") == "running":
                     self.running = True
