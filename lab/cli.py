@@ -38,7 +38,7 @@ def _install_signal_handlers() -> None:
 
 def resolve_profile(name: str) -> Profile:
     if name == "auto":
-        rep = doctor.probe()
+        rep = doctor.probe(versions=False)
         if rep.profile is None:
             raise LabError(f"no profile can run on this host: {rep.profile_reason}")
         return get_profile(rep.profile)

@@ -90,7 +90,9 @@ def _find(tool: str) -> bool:
 
 
 def probe(sys_module: Path = Path("/sys/module"), cpuinfo: Path = Path("/proc/cpuinfo"),
-          dev_kvm: Path = Path("/dev/kvm")) -> HostReport:
+          dev_kvm: Path = Path("/dev/kvm"), versions: bool = True) -> HostReport:
+    """What the host has. `versions=False` skips running qemu and gdb for their versions
+    (what `lab run` needs to pick a profile is only whether QEMU is there)."""
     vendor, model, flags = _cpuinfo(cpuinfo)
     vmx, svm = "vmx" in flags, "svm" in flags
     mods = sorted(m for m in ("kvm", "kvm_intel", "kvm_amd", "kvm_pvm")
@@ -116,8 +118,9 @@ def probe(sys_module: Path = Path("/sys/module"), cpuinfo: Path = Path("/proc/cp
     report = HostReport(
         cpu_vendor=vendor, cpu_model=model, vmx=vmx, svm=svm, kvm_device=has_dev,
         kvm_modules=mods, kvm_usable=usable, kvm_usable_reason=reason, nested=nested,
-        qemu_version=_version(["qemu-system-x86_64", "--version"]),
-        gdb_version=_version(["gdb", "--version"]), missing=missing,
+        qemu_version=_version(["qemu-system-x86_64", "--version"]) if versions else
+        ("present" if shutil.which("qemu-system-x86_64") else None),
+        gdb_version=_version(["gdb", "--version"]) if versions else None, missing=missing,
     )
     report.profile, report.profile_reason = choose_profile(report)
     return report

@@ -40,20 +40,26 @@ def modinfo(path: Path) -> dict[str, str]:
 
 
 def alloc_sections(path: Path) -> set[str]:
-    """Names of the sections that occupy memory at run time (SHF_ALLOC)."""
-    data = path.read_bytes()
-    if data[:4] != b"\x7fELF" or data[4] != 2:
-        raise ValueError(f"{path}: not a 64-bit ELF file")
-    e_shoff, = struct.unpack_from("<Q", data, 0x28)
-    e_shentsize, e_shnum, e_shstrndx = struct.unpack_from("<HHH", data, 0x3A)
-    base = e_shoff + e_shstrndx * e_shentsize
-    stroff, strsize = struct.unpack_from("<QQ", data, base + 0x18)
-    names = data[stroff:stroff + strsize]
+    """Names of the sections that occupy memory at run time (SHF_ALLOC).
+
+    Reads only the ELF header, the section table and its string table: debug objects are
+    tens of MB and this runs at every boot (for the run's gdbinit)."""
+    with open(path, "rb") as f:
+        head = f.read(64)
+        if head[:4] != b"\x7fELF" or head[4] != 2:
+            raise ValueError(f"{path}: not a 64-bit ELF file")
+        e_shoff, = struct.unpack_from("<Q", head, 0x28)
+        e_shentsize, e_shnum, e_shstrndx = struct.unpack_from("<HHH", head, 0x3A)
+        f.seek(e_shoff)
+        table = f.read(e_shentsize * e_shnum)
+        stroff, strsize = struct.unpack_from("<QQ", table, e_shstrndx * e_shentsize + 0x18)
+        f.seek(stroff)
+        names = f.read(strsize)
     out = set()
     for i in range(e_shnum):
-        b = e_shoff + i * e_shentsize
-        name_off, = struct.unpack_from("<I", data, b)
-        flags, = struct.unpack_from("<Q", data, b + 8)
+        b = i * e_shentsize
+        name_off, = struct.unpack_from("<I", table, b)
+        flags, = struct.unpack_from("<Q", table, b + 8)
         if flags & 0x2:  # SHF_ALLOC
             end = names.index(b"\0", name_off)
             out.add(names[name_off:end].decode())

@@ -22,14 +22,7 @@ from typing import Any
 
 from lab import access, inject, procs, tap
 from lab.console import Console, ConsoleTimeout
-from lab.errors import (
-    EXIT_USAGE,
-    BootError,
-    LabError,
-    LaunchError,
-    SSHError,
-    VMDied,
-)
+from lab.errors import BootError, LabError, LaunchError, SSHError
 from lab.image import Builder, BuiltImage, load_recipe
 from lab.keys import client_key
 from lab.playbook import Level, Playbook
@@ -460,7 +453,7 @@ class Lab:
         if self.vm is not None:
             self.vm.stop()
         self.up = False
-        with contextlib.suppress(OSError):
+        with contextlib.suppress(OSError, LabError):
             if (self.run_dir / "state.json").exists():
                 state = access.read_state(self.run_dir)
                 state["status"] = "down"
@@ -485,5 +478,3 @@ def error_dict(e: LabError | Exception) -> dict[str, Any]:
     return {"kind": "internal", "message": f"{type(e).__name__}: {e}", "exit_status": 3,
             "level": None, "detail": ""}
 
-
-__all__ = ["EXIT_USAGE", "Lab", "VMDied", "error_dict"]

@@ -52,15 +52,18 @@ class LoadedModule:
 def read_module_sections(ssh: SSHSession, names: tuple[str, ...] = KVM_MODULES
                          ) -> dict[str, dict[str, int]]:
     """Section addresses of loaded modules, from /sys/module/*/sections in the guest."""
-    script = ("for m in " + " ".join(names) + "; do d=/sys/module/$m/sections; "
-              "[ -d $d ] || continue; for f in $d/.* $d/*; do [ -f $f ] && "
-              "echo \"$m ${f##*/} $(cat $f)\"; done; done")
+    # One grep per module (`cat` per section file costs ~0.7 s under TCG; the shell's `read`
+    # gets "0": these sysfs files answer only whole reads).
+    script = ("for m in " + " ".join(names) + "; do [ -d /sys/module/$m/sections ] && "
+              "cd /sys/module/$m/sections && grep -H . .* * 2>/dev/null | sed \"s/^/$m /\"; "
+              "done; true")
     r = ssh.run(script, timeout=60)
     out: dict[str, dict[str, int]] = {}
     for line in r.stdout.splitlines():
-        parts = line.split()
-        if len(parts) == 3 and parts[2].startswith("0x"):
-            out.setdefault(parts[0], {})[parts[1]] = int(parts[2], 16)
+        mod, _, rest = line.partition(" ")
+        section, _, addr = rest.rpartition(":")
+        if mod and section and addr.startswith("0x"):
+            out.setdefault(mod, {})[section] = int(addr, 16)
     return out
 
 
