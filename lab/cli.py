@@ -202,6 +202,7 @@ def _serve_until_stopped(lab: object) -> None:
     from lab.lab import Lab
 
     assert isinstance(lab, Lab)
+    lab.ready = True  # booted and probes armed: `lab up` may return now
     access.write_state(lab.run_dir, lab.state("up"))
     _log(f"lab {lab.id} is up; `lab down --run {lab.run_dir}` stops it")
     reported = False
@@ -272,8 +273,7 @@ def cmd_up(args: argparse.Namespace) -> int:
             status = st.get("status")
             if args.hold and status == "held":
                 break
-            if status == "up" and (args.hold or all(
-                    "ssh_ready" in lv.get("timeline", {}) for lv in st["levels"].values())):
+            if status == "up" and st.get("ready"):
                 break
             if proc.poll() is not None or status in ("down", "error"):
                 proc.wait()
@@ -303,6 +303,8 @@ def cmd_gdb(args: argparse.Namespace) -> int:
     st = access.read_state(run_dir)
     if st.get("status") not in ("up", "held", "booting"):
         raise UsageError(f"{run_dir}: the lab is {st.get('status')}, not up")
+    if st.get("gdbstub_owner") == "probes" and st.get("held"):
+        return _held_console(run_dir, st)
     if st.get("gdbstub_owner") == "probes":
         # QEMU's gdbstub takes one debugger at a time.
         raise UsageError(f"{run_dir}: L0's gdbstub is held by the playbook's probes until they "
@@ -312,6 +314,50 @@ def cmd_gdb(args: argparse.Namespace) -> int:
     extra = args.gdb_args[1:] if args.gdb_args[:1] == ["--"] else args.gdb_args
     os.execvp("gdb", ["gdb", "-q", "-x", str(run_dir / "gdbinit"), *extra])
     return 0  # not reached
+
+
+def _held_console(run_dir: Path, st: dict[str, object]) -> int:
+    """L0 is held at a probe hit by the probes' own gdb: talk to that gdb (a detach would let
+    L0 run on). Commands come from the terminal or standard input; `continue` releases L0."""
+    import socket as _socket
+
+    held = st["held"]
+    path = Path(str(st["sock_dir"])) / "gdb-console"
+    s = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
+    try:
+        s.connect(str(path))
+    except OSError as e:
+        raise UsageError(f"{run_dir}: L0 is held but its gdb console does not answer: {e}") \
+            from None
+    interactive = sys.stdin.isatty()
+    with s, s.makefile("rw") as f:
+        json.loads(f.readline())
+        print(f"L0 is held at probe {held['probe']} hit {held['hit']} "  # type: ignore[index]
+              f"({held['location']}); gdb commands go to the probes' gdb, "  # type: ignore[index]
+              f"`continue` lets L0 run on.", file=sys.stderr)
+        while True:
+            if interactive:
+                try:
+                    line = input("(lab-gdb) ")
+                except EOFError:
+                    break
+            else:
+                line = sys.stdin.readline()
+                if not line:
+                    break
+            f.write(json.dumps({"cmd": line.strip()}) + "\n")
+            f.flush()
+            reply = json.loads(f.readline())
+            if "error" in reply:
+                print(reply["error"], file=sys.stderr)
+            else:
+                sys.stdout.write(reply.get("out", ""))
+                if reply.get("out") and not reply["out"].endswith("\n"):
+                    sys.stdout.write("\n")
+            if reply.get("released"):
+                break
+            sys.stdout.flush()
+    return 0
 
 
 def cmd_down(args: argparse.Namespace) -> int:

@@ -76,6 +76,8 @@ class Lab:
         self.up = False
         self.probes: GdbProbes | None = None
         self.gdbstub_owner = "free"
+        self.held: dict[str, Any] | None = None
+        self.ready = False  # everything `lab up` promises is in place (boot, probes)
 
     # -- lifecycle -------------------------------------------------------------------------
     def __enter__(self) -> Lab:
@@ -361,7 +363,9 @@ class Lab:
             self.report.injection = inject.describe(inj, patches)
             self.log(f"injected {inj.name}: " + ", ".join(
                 f"{p.instruction} at {p.address:#x} ({p.function})" for p in patches))
-        self.probes = GdbProbes(gdb, specs, self.t0, log=self.log)
+        self.probes = GdbProbes(gdb, specs, self.t0, log=self.log,
+                                console_socket=self.sock_dir / "gdb-console",
+                                on_hold=self._on_hold)
         self.probes.start()
         self.report.probe_backend = "gdb"
         self.report.gdb = {"vmlinux": str(vmlinux), "kaslr_offset": offset,
@@ -371,6 +375,11 @@ class Lab:
                            "probe_sets": sorted({s.origin for s in specs})}
         self.log(f"gdb: attached to L0, {len(mods)} modules, ready {ready:.2f} s after attach; "
                  f"{len(specs)} probes armed ({', '.join(s.name for s in specs)})")
+
+    def _on_hold(self, held: dict[str, Any] | None) -> None:
+        """A probe stopped L0 for a person (or let it go): say so in state.json."""
+        self.held = held
+        access.write_state(self.run_dir, self.state())
 
     def stop_probes(self) -> None:
         if self.probes is None:
@@ -398,7 +407,7 @@ class Lab:
             "owner_pid": os.getpid(), "playbook": str(self.pb.path), "profile": self.profile.name,
             "run_dir": str(self.run_dir), "sock_dir": str(self.sock_dir),
             "key_file": str(self.key_file), "gdb_port": self.gdb_port,
-            "gdbstub_owner": self.gdbstub_owner,
+            "gdbstub_owner": self.gdbstub_owner, "held": self.held, "ready": self.ready,
             "qemu_pid": self.vm.pid if self.vm else None,
             "levels": {n: {"port": st.ssh_port, "via": st.level.parent,
                            "host_key": st.image.host_key if st.image else None,

@@ -8,7 +8,10 @@ that runs it through L0's gdbstub (a tracing backend inside L0 is the planned se
 
 from __future__ import annotations
 
+import json
+import os
 import re
+import socket
 import threading
 import time
 from dataclasses import dataclass, field
@@ -234,7 +237,8 @@ class GdbProbes:
     name = "gdb"
 
     def __init__(self, gdb: GdbSession, specs: list[ProbeSpec], t0: float,
-                 log: Any = print) -> None:
+                 log: Any = print, console_socket: Path | None = None,
+                 on_hold: Any = None) -> None:
         self.gdb = gdb
         self.t0 = t0
         self.log = log
@@ -244,8 +248,12 @@ class GdbProbes:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.error: str | None = None
-        self.held: dict[str, Any] | None = None  # set when a probe keeps L0 stopped
+        self.held: dict[str, Any] | None = None  # set while a probe keeps L0 stopped
         self.detached = False
+        # `then: stop` hands the stopped L0 to a person through this socket (`lab gdb`):
+        # detaching would let L0 run on (QEMU resumes on detach), so the probes' own gdb serves.
+        self.console_socket = console_socket
+        self.on_hold = on_hold
 
     def _detect_layout(self) -> None:
         if any(isinstance(c, GuestMmuCapture) for p in self.probes for c in p.captures):
@@ -329,16 +337,59 @@ class GdbProbes:
         if len(p.hits) >= p.spec.max_hits:
             p.done = True
             self.gdb.cmd(f"-break-delete {p.number}")
-        if p.spec.then == "stop":
-            self.held = {"probe": p.spec.name, "hit": hit["hit"]}
-            self.log(f"probe {p.spec.name}: L0 held at hit {hit['hit']} ({p.location})")
-            for q in self.probes:
-                q.done = True
-            self._stop.set()
-            hit["cost_ms"] = round((time.monotonic() - t_stop) * 1000, 1)
-            return
-        self.gdb.cont()
         hit["cost_ms"] = round((time.monotonic() - t_stop) * 1000, 1)
+        if p.spec.then == "stop":
+            self.held = {"probe": p.spec.name, "hit": hit["hit"], "location": p.location}
+            self.log(f"probe {p.spec.name}: L0 held at hit {hit['hit']} ({p.location}); "
+                     f"`lab gdb` to look, `continue` there to let it run")
+            if self.on_hold:
+                self.on_hold(self.held)
+            released = self._serve_person()
+            self.held = None
+            if self.on_hold:
+                self.on_hold(None)
+            if not released:
+                return  # the lab is stopping: stop() detaches
+        self.gdb.cont()
+
+    def _serve_person(self) -> bool:
+        """Answer gdb commands from `lab gdb` until it says continue; False if stopping."""
+        if self.console_socket is None:
+            self._stop.wait()
+            return False
+        path = self.console_socket
+        path.unlink(missing_ok=True)
+        srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            srv.bind(str(path))
+            os.chmod(path, 0o600)
+            srv.listen(1)
+            srv.settimeout(0.2)
+            while not self._stop.is_set():
+                try:
+                    conn, _ = srv.accept()
+                except TimeoutError:
+                    continue
+                with conn, conn.makefile("rw") as f:
+                    f.write(json.dumps({"held": self.held}) + "\n")
+                    f.flush()
+                    for line in f:
+                        cmd = json.loads(line).get("cmd", "").strip()
+                        if cmd in ("c", "cont", "continue"):
+                            f.write(json.dumps({"out": "L0 runs on", "released": True}) + "\n")
+                            f.flush()
+                            return True
+                        try:
+                            out = self.gdb.console(cmd) if cmd else ""
+                            reply = {"out": out}
+                        except GdbError as e:
+                            reply = {"error": str(e)}
+                        f.write(json.dumps(reply) + "\n")
+                        f.flush()
+            return False
+        finally:
+            srv.close()
+            path.unlink(missing_ok=True)
 
     def _capture(self, p: ProbeState, args: list[str]) -> dict[str, Any]:
         exprs: list[str] = []
@@ -363,7 +414,7 @@ class GdbProbes:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=120)
-        if self.held is None and not self.detached:
+        if not self.detached:
             try:
                 self._finish()
             except GdbError as e:

@@ -172,3 +172,49 @@ def test_up_hold_waits_for_the_debugger(tmp_path: Path) -> None:
         assert s.stdout.strip()
     finally:
         lab("down", "--run", str(out), timeout=120)
+
+
+HOLD = """\
+name: hold
+topology:
+  l0: {image: %s}
+probes:
+  - name: first-vcpu-run
+    at: kvm_arch_vcpu_ioctl_run
+    capture: {vcpu_id: vcpu->vcpu_id}
+    max_hits: 1
+    then: stop
+"""
+
+
+def test_probe_keeps_l0_stopped_for_a_person(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    r = lab("up", str(playbook(tmp_path, HOLD)), "--out", str(out), timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    try:
+        # Anything that runs a KVM guest in L0 hits the probe; the command then waits with L0.
+        bg = subprocess.Popen([sys.executable, "-m", "lab", "ssh", "--run", str(out), "l0", "--",
+                               "svm-npt-test", "-n", "2", "remap-flush-all"], cwd=ROOT,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        end = time.monotonic() + 120
+        state: dict[str, object] = {}
+        while time.monotonic() < end and not state.get("held"):
+            time.sleep(0.2)
+            state = json.loads((out / "state.json").read_text())
+        assert state.get("held"), state
+        assert bg.poll() is None  # L0 is stopped, so the command cannot finish
+        g = subprocess.run([sys.executable, "-m", "lab", "gdb", "--run", str(out)], cwd=ROOT,
+                           input="bt 1\nprint vcpu->vcpu_id\ncontinue\n", capture_output=True,
+                           text=True, timeout=120)
+        assert g.returncode == 0, g.stderr
+        assert "kvm_arch_vcpu_ioctl_run" in g.stdout and "= 0" in g.stdout, g.stdout
+        assert "L0 runs on" in g.stdout
+        o, e = bg.communicate(timeout=120)
+        assert bg.returncode == 0 and "ok 1 - svm/remap-flush-all" in o, o + e
+        state = json.loads((out / "state.json").read_text())
+        assert state.get("held") is None
+    finally:
+        lab("down", "--run", str(out), timeout=120)
+    rep = report(out)
+    hits = rep["probes"][0]["hits"]
+    assert len(hits) == 1 and hits[0]["captures"]["entry"]["vcpu_id"] == 0
