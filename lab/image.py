@@ -276,7 +276,7 @@ class Builder:
     @staticmethod
     def _tree(plan: Plan) -> Tree:
         tree = Tree()
-        for d in ("proc", "sys", "dev", "tmp", "run", "root", "etc", "var", "lab"):
+        for d in ("proc", "sys", "dev", "tmp", "run", "root", "etc", "var/log", "lab"):
             tree.mkdir(d)
         tree.mkdir("root", 0o700)
         tree.mkdir("root/.ssh", 0o700)

@@ -500,7 +500,7 @@ static int has_svm(char *why, size_t len)
         }
     }
     if (f) fclose(f);
-    if (!svm) { snprintf(why, len, "this CPU has no SVM, and the VMX variant of this suite is not written yet"); return 0; }
+    if (!svm) { snprintf(why, len, "this CPU has no SVM (an Intel/VMX host runs vmx-ept-test)"); return 0; }
     if (!npt) { snprintf(why, len, "this CPU has SVM without nested paging (npt)"); return 0; }
     return 1;
 }

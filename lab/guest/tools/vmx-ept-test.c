@@ -1,0 +1,656 @@
+/* vmx-ept-test: does L0 invalidate enough when a bare-metal L1 changes its EPT and INVEPTs?
+ *
+ * The VMX twin of svm-npt-test, and the test for the seed's bug ("KVM: nVMX: Invalidate all
+ * EPTP contexts when emulating INVEPT for L1"). It runs in L0's userspace as a KVM VMM whose
+ * guest is a tiny bare-metal L1 hypervisor: L1 turns VMX on, builds a VMCS for its L2 with EPT
+ * and unrestricted guest, and follows a script the VMM writes into its memory (store a value,
+ * INVEPT single-context or global, switch the EPTP, enter L2 and record what L2 saw). L0's KVM
+ * shadows L1's EPT in guest_mmu; after every change and INVEPT, L2 must see the change.
+ *
+ * The VMCS control values are computed here from the VMX capability MSRs that L0's KVM reports
+ * for the vCPU, so that L1 only has to vmwrite a table.
+ *
+ * Output: TAP, one line per case (SKIP with the reason where VMX or a feature is missing).
+ * Exit 0 all passed or skipped, 1 a case failed, 2 setup failed.
+ * Usage: vmx-ept-test [-n ITERATIONS] [-x] [CASE...]
+ *   -x  negative control: L1 leaves out its INVEPTs. L0 may then keep stale translations, and
+ *       the cases should fail: this shows they can see "too little invalidation" at all.
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <fcntl.h>
+#include <linux/kvm.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/ioctl.h>
+#include <sys/mman.h>
+#include <time.h>
+#include <unistd.h>
+
+#define MEM_SIZE   0x400000ul
+#define L1_CODE    0x1000
+#define L1_PML4    0x2000
+#define L1_PDPT    0x3000
+#define L1_PD      0x4000
+#define VMXON_PAGE 0x5000
+#define VMCS_PAGE  0x6000
+#define L2_READ    0x7000
+#define L2_WRITE   0x7100
+#define EPT_A      0x8000          /* PML4, PDPT, PD, PT at +0, +0x1000, +0x2000, +0x3000 */
+#define EPT_B      0xC000
+#define L1_STACK   0x1F000
+#define X_GPA      0x10000
+#define PAGES      0x20000
+#define PTRS       0x30000         /* [0] vmxon PA, [8] vmcs PA, [16..] saved rsi/rdi, launched */
+#define INVEPT_DESC 0x30100        /* 16 bytes: EPTP, reserved */
+#define TABLE      0x31000         /* VMCS (field, value) pairs, ended by field ~0 */
+#define OPS        0x40000
+#define OPS_END    0x100000
+#define RESULTS    0x200000
+
+#define EPT_LEAF(root) ((root) + 0x3000 + 16 * 8)
+#define EPT_RWX    7ull
+#define EPT_WB     (6ull << 3)
+#define EPTP(root) ((root) | (3ull << 3) | 6ull)   /* 4-level walk, write-back */
+
+#define EXIT_HLT 12
+#define EXIT_EPT_VIOLATION 48
+
+enum { OP_END = 0, OP_STORE = 1, OP_ENTER = 2, OP_INVEPT = 3, OP_VMWRITE = 4 };
+struct op { uint64_t kind, a, b, c; };
+struct result { uint64_t exit_reason, rax, rbx, gpa; };
+
+/* L1: VMXON, VMCLEAR/VMPTRLD, vmwrite the table, then interpret the script.
+ * Failures of VMX instructions are recorded as exit_reason 0xfff000NN with the VM-instruction
+ * error (or the step) in the low bits. */
+extern const uint8_t l1_start[], l1_end[], l1_exited[], l2r_start[], l2r_end[], l2w_start[],
+    l2w_end[];
+__asm__(".pushsection .rodata\n"
+        ".code64\n"
+        "l1_start:\n"
+        "  vmxon 0x30000\n"
+        "  jbe 90f\n"
+        "  vmclear 0x30008\n"
+        "  jbe 91f\n"
+        "  vmptrld 0x30008\n"
+        "  jbe 92f\n"
+        "  mov $0x31000, %rsi\n"
+        "1: mov (%rsi), %rdx\n"
+        "  cmp $-1, %rdx\n"
+        "  je 2f\n"
+        "  mov 8(%rsi), %rax\n"
+        "  vmwrite %rax, %rdx\n"
+        "  jbe 93f\n"
+        "  add $16, %rsi\n"
+        "  jmp 1b\n"
+        "2: mov $0x40000, %rsi\n"
+        "  mov $0x200000, %rdi\n"
+        "3: mov (%rsi), %rax\n"
+        "  test %rax, %rax\n"
+        "  jz 99f\n"
+        "  cmp $1, %rax\n"
+        "  jne 4f\n"
+        "  mov 8(%rsi), %rdx\n"         /* STORE */
+        "  mov 16(%rsi), %rcx\n"
+        "  mov %rcx, (%rdx)\n"
+        "  jmp 8f\n"
+        "4: cmp $3, %rax\n"
+        "  jne 5f\n"
+        "  mov 16(%rsi), %rcx\n"        /* INVEPT type a, EPTP b */
+        "  mov %rcx, 0x30100\n"
+        "  movq $0, 0x30108\n"
+        "  mov 8(%rsi), %rdx\n"
+        "  invept 0x30100, %rdx\n"
+        "  jbe 94f\n"
+        "  jmp 8f\n"
+        "5: cmp $4, %rax\n"
+        "  jne 6f\n"
+        "  mov 8(%rsi), %rdx\n"         /* VMWRITE field a = b */
+        "  mov 16(%rsi), %rax\n"
+        "  vmwrite %rax, %rdx\n"
+        "  jbe 93f\n"
+        "  jmp 8f\n"
+        "6: mov 8(%rsi), %rax\n"        /* ENTER L2 at rip a */
+        "  mov $0x681e, %rdx\n"
+        "  vmwrite %rax, %rdx\n"
+        "  mov $0x6c14, %rdx\n"         /* HOST_RSP */
+        "  vmwrite %rsp, %rdx\n"
+        "  mov %rsi, 0x30010\n"
+        "  mov %rdi, 0x30018\n"
+        "  xor %eax, %eax\n"
+        "  xor %ebx, %ebx\n"
+        "  cmpq $0, 0x30020\n"
+        "  jne 7f\n"
+        "  vmlaunch\n"
+        "  jmp 95f\n"                   /* only reached if the entry failed */
+        "7: vmresume\n"
+        "  jmp 95f\n"
+        ".globl l1_exited\n"
+        "l1_exited:\n"                  /* HOST_RIP: L2's eax/ebx are still in rax/rbx */
+        "  mov 0x30010, %rsi\n"
+        "  mov 0x30018, %rdi\n"
+        "  movq $1, 0x30020\n"
+        "  mov %rax, 8(%rdi)\n"
+        "  mov %rbx, 16(%rdi)\n"
+        "  mov $0x4402, %rdx\n"
+        "  vmread %rdx, %rax\n"
+        "  mov %rax, (%rdi)\n"
+        "  mov $0x2400, %rdx\n"
+        "  vmread %rdx, %rax\n"
+        "  mov %rax, 24(%rdi)\n"
+        "  add $32, %rdi\n"
+        "8: add $32, %rsi\n"
+        "  jmp 3b\n"
+        "90: mov $0xfff00100, %rax\n jmp 98f\n"
+        "91: mov $0xfff00200, %rax\n jmp 98f\n"
+        "92: mov $0xfff00300, %rax\n jmp 98f\n"
+        "93: mov %rdx, 0x30028\n mov $0xfff00400, %rax\n jmp 97f\n"
+        "94: mov $0xfff00500, %rax\n jmp 97f\n"
+        "95: mov 0x30010, %rsi\n mov 0x30018, %rdi\n mov $0xfff00600, %rax\n"
+        "97: mov $0x4400, %rdx\n"       /* add VM-instruction error when a VMCS is current */
+        "  vmread %rdx, %rcx\n"
+        "  or %rcx, %rax\n"
+        "98: mov %rax, 0x30030\n"       /* fatal: stop the script */
+        "99: hlt\n"
+        "  jmp 99b\n"
+        "l1_end:\n"
+        ".code32\n"
+        "l2r_start:\n"
+        "  mov 0x10000, %eax\n"
+        "  mov 0x10004, %ebx\n"
+        "  hlt\n"
+        "l2r_end:\n"
+        "l2w_start:\n"
+        "  mov 0x10000, %eax\n"
+        "  mov 0x10004, %ebx\n"
+        "  movl $0x5a5a5a5a, 0x10008\n"
+        "  hlt\n"
+        "l2w_end:\n"
+        ".code64\n"
+        ".popsection\n");
+
+static const uint32_t pattern[5] = { 0xAAAAAAAA, 0xBBBBBBBB, 0xCCCCCCCC, 0xDDDDDDDD, 0xEEEEEEEE };
+#define DECOY 4
+
+static void put64(uint8_t *p, uint64_t v) { memcpy(p, &v, 8); }
+static void put32(uint8_t *p, uint32_t v) { memcpy(p, &v, 4); }
+static uint64_t get64(const uint8_t *p) { uint64_t v; memcpy(&v, p, 8); return v; }
+
+static double now(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return ts.tv_sec + ts.tv_nsec / 1e9;
+}
+
+/* VMX capability MSRs of the vCPU, as L0's KVM reports them to L1 */
+struct caps {
+    uint64_t basic, pin, proc, exit, entry, proc2, ept_vpid, cr0_0, cr0_1, cr4_0, cr4_1;
+};
+
+struct vm {
+    int fd, vcpu, ntable, nops;
+    uint8_t *mem;
+    struct kvm_run *run;
+    size_t run_size;
+    struct op *ops;
+};
+
+static int kvm;
+static struct caps caps;
+static long iterations = 50;
+static int tapno;
+
+static uint64_t page(int i) { return PAGES + (uint64_t)i * 0x1000; }
+static uint64_t leaf(int i, uint64_t perms) { return page(i) | EPT_WB | perms; }
+
+static uint32_t adjust(uint32_t want, uint64_t msr)
+{
+    return (want | (uint32_t)msr) & (uint32_t)(msr >> 32);
+}
+
+static void table(struct vm *vm, uint64_t field, uint64_t value)
+{
+    put64(vm->mem + TABLE + vm->ntable * 16, field);
+    put64(vm->mem + TABLE + vm->ntable * 16 + 8, value);
+    vm->ntable++;
+    put64(vm->mem + TABLE + vm->ntable * 16, ~0ull);
+}
+
+static void op(struct vm *vm, uint64_t kind, uint64_t a, uint64_t b)
+{
+    if ((uint64_t)(vm->nops + 2) * sizeof(struct op) > OPS_END - OPS) {
+        fprintf(stderr, "vmx-ept-test: script too long\n");
+        exit(2);
+    }
+    vm->ops[vm->nops++] = (struct op){ kind, a, b, 0 };
+    vm->ops[vm->nops] = (struct op){ OP_END, 0, 0, 0 };
+}
+static void store(struct vm *vm, uint64_t addr, uint64_t val) { op(vm, OP_STORE, addr, val); }
+static int omit_invept;
+static void invept(struct vm *vm, int type, uint64_t eptp)
+{
+    if (!omit_invept) op(vm, OP_INVEPT, type, eptp);
+}
+static void enter(struct vm *vm, uint64_t rip) { op(vm, OP_ENTER, rip, 0); }
+static void set_eptp(struct vm *vm, uint64_t root) { op(vm, OP_VMWRITE, 0x201a, EPTP(root)); }
+
+static void ept_build(uint8_t *mem, uint64_t root, int data_page)
+{
+    put64(mem + root, (root + 0x1000) | EPT_RWX);
+    put64(mem + root + 0x1000, (root + 0x2000) | EPT_RWX);
+    put64(mem + root + 0x2000, (root + 0x3000) | EPT_RWX);
+    for (int i = 0; i < 512; i++)
+        put64(mem + root + 0x3000 + i * 8, ((uint64_t)i << 12) | EPT_WB | EPT_RWX);
+    put64(mem + EPT_LEAF(root), leaf(data_page, EPT_RWX));
+}
+
+static int get_msrs(int vcpu, const uint32_t *idx, uint64_t *out, int n)
+{
+    struct { struct kvm_msrs h; struct kvm_msr_entry e[16]; } m;
+    memset(&m, 0, sizeof m);
+    m.h.nmsrs = n;
+    for (int i = 0; i < n; i++) m.e[i].index = idx[i];
+    if (ioctl(vcpu, KVM_GET_MSRS, &m) != n) return -1;
+    for (int i = 0; i < n; i++) out[i] = m.e[i].data;
+    return 0;
+}
+
+static void vmcs_table(struct vm *vm)
+{
+    int trueb = (caps.basic >> 55) & 1;
+    (void)trueb;
+    uint32_t pin = adjust(0, caps.pin);
+    uint32_t proc = adjust((1u << 7) | (1u << 31), caps.proc);          /* HLT exiting, 2nd ctls */
+    proc &= ~((1u << 15) | (1u << 16));                                 /* no CR3 load/store exits */
+    proc = adjust(proc, caps.proc);
+    uint32_t proc2 = adjust((1u << 1) | (1u << 7), caps.proc2);         /* EPT, unrestricted */
+    uint32_t exitc = adjust(1u << 9, caps.exit);                        /* 64-bit host */
+    uint32_t entry = adjust(0, caps.entry);                             /* 32-bit guest */
+    uint64_t cr0 = ((0x31ull | (caps.cr0_0 & ~0x80000001ull)) & caps.cr0_1) | 1; /* PE, NE, no PG */
+    uint64_t cr4 = caps.cr4_0 & caps.cr4_1;
+    table(vm, 0x4000, pin);
+    table(vm, 0x4002, proc);
+    table(vm, 0x401e, proc2);
+    table(vm, 0x400c, exitc);
+    table(vm, 0x4012, entry);
+    table(vm, 0x4004, 0);                  /* exception bitmap */
+    table(vm, 0x400a, 0);                  /* CR3 target count */
+    table(vm, 0x400e, 0); table(vm, 0x4010, 0); table(vm, 0x4014, 0); table(vm, 0x4016, 0);
+    table(vm, 0x6000, 0); table(vm, 0x6002, 0);     /* CR0/CR4 guest-host masks */
+    table(vm, 0x6004, cr0); table(vm, 0x6006, cr4); /* read shadows */
+    table(vm, 0x201a, EPTP(EPT_A));
+    table(vm, 0x2800, ~0ull);              /* VMCS link pointer */
+    /* guest state: 32-bit flat protected mode, paging off (unrestricted guest) */
+    for (int s = 0; s < 6; s++) {          /* ES CS SS DS FS GS */
+        int code = s == 1;
+        table(vm, 0x800 + 2 * s, code ? 0x08 : 0x10);
+        table(vm, 0x4800 + 2 * s, 0xffffffff);
+        table(vm, 0x4814 + 2 * s, code ? 0xc09b : 0xc093);
+        table(vm, 0x6806 + 2 * s, 0);
+    }
+    table(vm, 0x80c, 0); table(vm, 0x480c, 0); table(vm, 0x4820, 0x10000); table(vm, 0x6812, 0);
+    table(vm, 0x80e, 0); table(vm, 0x480e, 0x67); table(vm, 0x4822, 0x8b); table(vm, 0x6814, 0);
+    table(vm, 0x4810, 0xffff); table(vm, 0x6816, 0);   /* GDTR */
+    table(vm, 0x4812, 0xffff); table(vm, 0x6818, 0);   /* IDTR */
+    table(vm, 0x6800, cr0); table(vm, 0x6802, 0); table(vm, 0x6804, cr4);
+    table(vm, 0x681a, 0x400);              /* DR7 */
+    table(vm, 0x681c, 0x7ff0);             /* RSP */
+    table(vm, 0x6820, 0x2);                /* RFLAGS */
+    table(vm, 0x4824, 0); table(vm, 0x4826, 0); table(vm, 0x482a, 0);
+    table(vm, 0x6822, 0); table(vm, 0x6824, 0); table(vm, 0x6826, 0);
+    table(vm, 0x2802, 0);                  /* debugctl */
+    /* host state: L1 as it is */
+    table(vm, 0xc00, 0x10); table(vm, 0xc02, 0x08); table(vm, 0xc04, 0x10); table(vm, 0xc06, 0x10);
+    table(vm, 0xc08, 0x10); table(vm, 0xc0a, 0x10); table(vm, 0xc0c, 0x18);
+    table(vm, 0x6c00, 0x80050033); table(vm, 0x6c02, L1_PML4); table(vm, 0x6c04, 0x2020);
+    table(vm, 0x6c06, 0); table(vm, 0x6c08, 0); table(vm, 0x6c0a, 0); table(vm, 0x6c0c, 0);
+    table(vm, 0x6c0e, 0); table(vm, 0x6c10, 0); table(vm, 0x6c12, 0); table(vm, 0x4c00, 0);
+    table(vm, 0x6c16, L1_CODE + (uint64_t)(l1_exited - l1_start));   /* HOST_RIP */
+}
+
+static int vm_create(struct vm *vm)
+{
+    memset(vm, 0, sizeof(*vm));
+    vm->fd = ioctl(kvm, KVM_CREATE_VM, 0);
+    if (vm->fd < 0) { perror("KVM_CREATE_VM"); return -1; }
+    vm->mem = mmap(NULL, MEM_SIZE, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
+    if (vm->mem == MAP_FAILED) { perror("mmap"); return -1; }
+    uint8_t *m = vm->mem;
+    memcpy(m + L1_CODE, l1_start, l1_end - l1_start);
+    memcpy(m + L2_READ, l2r_start, l2r_end - l2r_start);
+    memcpy(m + L2_WRITE, l2w_start, l2w_end - l2w_start);
+    for (int p = 0; p < 5; p++)
+        for (int k = 0; k < 0x1000; k += 4)
+            put32(m + page(p) + k, pattern[p]);
+    put64(m + L1_PML4, L1_PDPT | 3);
+    put64(m + L1_PDPT, L1_PD | 3);
+    put64(m + L1_PD, 0x000000 | 0x83);
+    put64(m + L1_PD + 8, 0x200000 | 0x83);
+    ept_build(m, EPT_A, 0);
+    ept_build(m, EPT_B, 1);
+    put32(m + VMXON_PAGE, (uint32_t)caps.basic & 0x7fffffff);
+    put32(m + VMCS_PAGE, (uint32_t)caps.basic & 0x7fffffff);
+    put64(m + PTRS, VMXON_PAGE);
+    put64(m + PTRS + 8, VMCS_PAGE);
+    vm->ops = (struct op *)(m + OPS);
+    vm->ops[0] = (struct op){ OP_END, 0, 0, 0 };
+    vmcs_table(vm);
+
+    struct kvm_userspace_memory_region reg = {
+        .slot = 0, .guest_phys_addr = 0, .memory_size = MEM_SIZE,
+        .userspace_addr = (uint64_t)(uintptr_t)m,
+    };
+    if (ioctl(vm->fd, KVM_SET_USER_MEMORY_REGION, &reg) < 0) { perror("SET_USER_MEMORY_REGION"); return -1; }
+    vm->vcpu = ioctl(vm->fd, KVM_CREATE_VCPU, 0);
+    if (vm->vcpu < 0) { perror("KVM_CREATE_VCPU"); return -1; }
+    struct kvm_cpuid2 *cpuid = calloc(1, sizeof(*cpuid) + 128 * sizeof(struct kvm_cpuid_entry2));
+    cpuid->nent = 128;
+    if (ioctl(kvm, KVM_GET_SUPPORTED_CPUID, cpuid) < 0) { perror("GET_SUPPORTED_CPUID"); return -1; }
+    if (ioctl(vm->vcpu, KVM_SET_CPUID2, cpuid) < 0) { perror("SET_CPUID2"); return -1; }
+    free(cpuid);
+    struct { struct kvm_msrs h; struct kvm_msr_entry e[1]; } msrs = {
+        .h.nmsrs = 1, .e[0] = { .index = 0x3a, .data = 0x5 } };  /* FEATURE_CONTROL: lock, VMXON */
+    if (ioctl(vm->vcpu, KVM_SET_MSRS, &msrs) != 1) { perror("SET_MSRS IA32_FEATURE_CONTROL"); return -1; }
+    vm->run_size = ioctl(kvm, KVM_GET_VCPU_MMAP_SIZE, 0);
+    vm->run = mmap(NULL, vm->run_size, PROT_READ | PROT_WRITE, MAP_SHARED, vm->vcpu, 0);
+
+    struct kvm_sregs s;
+    if (ioctl(vm->vcpu, KVM_GET_SREGS, &s) < 0) { perror("GET_SREGS"); return -1; }
+    struct kvm_segment cs = { .base = 0, .limit = 0xffffffff, .selector = 8, .type = 11,
+                              .present = 1, .s = 1, .l = 1, .g = 1 };
+    struct kvm_segment ds = { .base = 0, .limit = 0xffffffff, .selector = 0x10, .type = 3,
+                              .present = 1, .db = 1, .s = 1, .g = 1 };
+    s.cs = cs; s.ds = s.es = s.fs = s.gs = s.ss = ds;
+    s.tr.type = 11; s.tr.present = 1; s.tr.limit = 0x67; s.tr.selector = 0x18; s.tr.s = 0;
+    s.cr0 = 0x80050033; s.cr3 = L1_PML4; s.cr4 = 0x2020; s.efer = 0x500;  /* PAE, VMXE; LME LMA */
+    if (ioctl(vm->vcpu, KVM_SET_SREGS, &s) < 0) { perror("SET_SREGS"); return -1; }
+    struct kvm_regs regs = { .rip = L1_CODE, .rflags = 0x2, .rsp = L1_STACK };
+    if (ioctl(vm->vcpu, KVM_SET_REGS, &regs) < 0) { perror("SET_REGS"); return -1; }
+    return 0;
+}
+
+static void vm_destroy(struct vm *vm)
+{
+    munmap(vm->run, vm->run_size);
+    close(vm->vcpu);
+    close(vm->fd);
+    munmap(vm->mem, MEM_SIZE);
+}
+
+static int vm_go(struct vm *vm, char *err, size_t errlen)
+{
+    for (int k = 0; k < 1000; k++) {
+        if (ioctl(vm->vcpu, KVM_RUN, 0) < 0) {
+            if (errno == EINTR) continue;
+            snprintf(err, errlen, "KVM_RUN: %s", strerror(errno));
+            return -1;
+        }
+        if (vm->run->exit_reason == KVM_EXIT_HLT) {
+            uint64_t fatal = get64(vm->mem + PTRS + 0x30);
+            if (fatal) {
+                snprintf(err, errlen, "L1's VMX instruction failed: code %#llx (field %#llx)",
+                         (unsigned long long)fatal,
+                         (unsigned long long)get64(vm->mem + PTRS + 0x28));
+                return -1;
+            }
+            return 0;
+        }
+        if (vm->run->exit_reason == KVM_EXIT_INTR) continue;
+        struct kvm_regs r;
+        ioctl(vm->vcpu, KVM_GET_REGS, &r);
+        snprintf(err, errlen, "L1 exit reason %u at rip %#llx", vm->run->exit_reason,
+                 (unsigned long long)r.rip);
+        return -1;
+    }
+    snprintf(err, errlen, "L1 did not halt");
+    return -1;
+}
+
+struct expect { uint64_t reason; uint32_t value; uint64_t gpa; };
+
+static void report(const char *name, long n, int bad, long first, const char *what,
+                   double secs, const char *setup_error)
+{
+    tapno++;
+    if (setup_error)
+        printf("not ok %d - %s: setup failed: %s\n", tapno, name, setup_error);
+    else if (bad)
+        printf("not ok %d - %s: %d of %ld checks stale or wrong (first at iteration %ld: %s)\n",
+               tapno, name, bad, n, first, what);
+    else
+        printf("ok %d - %s: %ld checks in %.2f s\n", tapno, name, n, secs);
+    fflush(stdout);
+}
+
+static int finish(struct vm *vm, const char *name, struct expect *exp, int n, double t0)
+{
+    char err[256] = "", what[200] = "";
+    int bad = 0;
+    long first = -1;
+    if (vm_go(vm, err, sizeof err) < 0) { report(name, n, 0, 0, "", 0, err); return 1; }
+    double secs = now() - t0;
+    struct result *r = (struct result *)(vm->mem + RESULTS);
+    for (int i = 0; i < n; i++) {
+        uint32_t eax = (uint32_t)r[i].rax, ebx = (uint32_t)r[i].rbx;
+        uint64_t reason = r[i].exit_reason & 0xffff;
+        int ok = reason == exp[i].reason && !(r[i].exit_reason & (1ull << 31));
+        if (ok && exp[i].reason == EXIT_HLT) ok = eax == exp[i].value && ebx == exp[i].value;
+        if (ok && exp[i].reason == EXIT_EPT_VIOLATION) ok = r[i].gpa == exp[i].gpa;
+        if (!ok) {
+            if (!bad) {
+                first = i;
+                if (reason == EXIT_HLT && exp[i].reason == EXIT_EPT_VIOLATION)
+                    snprintf(what, sizeof what, "L2 got through an EPT entry L1 had made %s",
+                             exp[i].gpa == X_GPA + 8 ? "read-only" : "not-present");
+                else if (reason == EXIT_HLT)
+                    snprintf(what, sizeof what, "L2 read %#x:%#x, expected %#x", ebx, eax,
+                             exp[i].value);
+                else
+                    snprintf(what, sizeof what, "exit reason %#llx (gpa %#llx), expected %llu",
+                             (unsigned long long)r[i].exit_reason,
+                             (unsigned long long)r[i].gpa, (unsigned long long)exp[i].reason);
+            }
+            bad++;
+        }
+    }
+    report(name, n, bad, first, what, secs, NULL);
+    return bad ? 1 : 0;
+}
+
+#define MAXEXP 20000
+#define INVEPT_SINGLE 1
+#define INVEPT_GLOBAL 2
+
+#define BEGIN(name) struct vm vm; static struct expect exp[MAXEXP]; int n = 0; double t0 = now(); \
+    if (vm_create(&vm) < 0) { report(name, 0, 0, 0, "", 0, "vm_create"); return 1; }
+#define END(name) int rc = finish(&vm, name, exp, n, t0); vm_destroy(&vm); return rc;
+
+static int case_remap(const char *name, int type, int decoy)
+{
+    BEGIN(name)
+    for (long i = 0; i < iterations && n < MAXEXP; i++) {
+        int p = i % 4;
+        if (decoy) store(&vm, EPT_LEAF(EPT_A), leaf(DECOY, EPT_RWX));
+        store(&vm, EPT_LEAF(EPT_A), leaf(p, EPT_RWX));
+        invept(&vm, type, EPTP(EPT_A));
+        enter(&vm, L2_READ);
+        exp[n++] = (struct expect){ EXIT_HLT, pattern[p], 0 };
+    }
+    END(name)
+}
+
+static int case_write_protect(const char *name)
+{
+    BEGIN(name)
+    for (long i = 0; i < iterations && n < MAXEXP; i++) {
+        int ro = (i % 2) == 0;
+        store(&vm, EPT_LEAF(EPT_A), leaf(0, ro ? 5 : EPT_RWX));   /* R+X, no W */
+        invept(&vm, INVEPT_SINGLE, EPTP(EPT_A));
+        enter(&vm, L2_WRITE);
+        exp[n++] = ro ? (struct expect){ EXIT_EPT_VIOLATION, 0, X_GPA + 8 }
+                      : (struct expect){ EXIT_HLT, pattern[0], 0 };
+    }
+    END(name)
+}
+
+static int case_unmap(const char *name)
+{
+    BEGIN(name)
+    for (long i = 0; i < iterations && n < MAXEXP; i++) {
+        int p = (i / 2) % 4;
+        store(&vm, EPT_LEAF(EPT_A), i % 2 == 0 ? 0 : leaf(p, EPT_RWX));
+        invept(&vm, INVEPT_SINGLE, EPTP(EPT_A));
+        enter(&vm, L2_READ);
+        exp[n++] = i % 2 == 0 ? (struct expect){ EXIT_EPT_VIOLATION, 0, X_GPA }
+                              : (struct expect){ EXIT_HLT, pattern[p], 0 };
+    }
+    END(name)
+}
+
+/* The seed's scenario: two EPTPs, so L0 keeps the inactive one among guest_mmu's previous
+ * roots; change the tables behind the inactive EPTP, INVEPT single-context on it, switch. */
+static int case_cached_root(const char *name, int type)
+{
+    BEGIN(name)
+    int cur_a = 0, cur_b = 1;
+    enter(&vm, L2_READ);
+    exp[n++] = (struct expect){ EXIT_HLT, pattern[cur_a], 0 };
+    set_eptp(&vm, EPT_B);
+    enter(&vm, L2_READ);
+    exp[n++] = (struct expect){ EXIT_HLT, pattern[cur_b], 0 };
+    for (long i = 0; i < iterations && n + 2 < MAXEXP; i++) {
+        cur_a = (cur_a + 1) % 4;                       /* running on B: change A */
+        store(&vm, EPT_LEAF(EPT_A), leaf(cur_a, EPT_RWX));
+        invept(&vm, type, EPTP(EPT_A));
+        set_eptp(&vm, EPT_A);
+        enter(&vm, L2_READ);
+        exp[n++] = (struct expect){ EXIT_HLT, pattern[cur_a], 0 };
+        cur_b = (cur_b + 1) % 4;                       /* running on A: change B */
+        store(&vm, EPT_LEAF(EPT_B), leaf(cur_b, EPT_RWX));
+        invept(&vm, type, EPTP(EPT_B));
+        set_eptp(&vm, EPT_B);
+        enter(&vm, L2_READ);
+        exp[n++] = (struct expect){ EXIT_HLT, pattern[cur_b], 0 };
+    }
+    END(name)
+}
+
+static int remap_single(const char *n) { return case_remap(n, INVEPT_SINGLE, 0); }
+static int remap_global(const char *n) { return case_remap(n, INVEPT_GLOBAL, 0); }
+static int remap_twice(const char *n) { return case_remap(n, INVEPT_SINGLE, 1); }
+static int cached_single(const char *n) { return case_cached_root(n, INVEPT_SINGLE); }
+static int cached_global(const char *n) { return case_cached_root(n, INVEPT_GLOBAL); }
+
+struct tcase { const char *name; int (*fn)(const char *); int needs; };
+#define NEEDS_SINGLE 1
+#define NEEDS_GLOBAL 2
+static const struct tcase cases[] = {
+    { "vmx/remap-invept-single", remap_single, NEEDS_SINGLE },
+    { "vmx/remap-invept-global", remap_global, NEEDS_GLOBAL },
+    { "vmx/remap-twice", remap_twice, NEEDS_SINGLE },
+    { "vmx/write-protect", case_write_protect, NEEDS_SINGLE },
+    { "vmx/unmap", case_unmap, NEEDS_SINGLE },
+    { "vmx/cached-root-single", cached_single, NEEDS_SINGLE },
+    { "vmx/cached-root-global", cached_global, NEEDS_GLOBAL },
+};
+#define NCASES (int)(sizeof(cases) / sizeof(cases[0]))
+
+static int cpu_has(const char *flag)
+{
+    FILE *f = fopen("/proc/cpuinfo", "r");
+    char line[8192], pat[64];
+    int found = 0;
+    snprintf(pat, sizeof pat, " %s", flag);
+    while (f && fgets(line, sizeof line, f)) {
+        if (strncmp(line, "flags", 5) == 0) {
+            char *p = strstr(line, pat);
+            found = p && (p[strlen(pat)] == ' ' || p[strlen(pat)] == '\n');
+            break;
+        }
+    }
+    if (f) fclose(f);
+    return found;
+}
+
+/* Read the vCPU's VMX capabilities; "" when usable, else why not. */
+static const char *probe_caps(void)
+{
+    static char why[200];
+    int vm = ioctl(kvm, KVM_CREATE_VM, 0);
+    if (vm < 0) return "KVM_CREATE_VM failed";
+    int vcpu = ioctl(vm, KVM_CREATE_VCPU, 0);
+    struct kvm_cpuid2 *cpuid = calloc(1, sizeof(*cpuid) + 128 * sizeof(struct kvm_cpuid_entry2));
+    cpuid->nent = 128;
+    ioctl(kvm, KVM_GET_SUPPORTED_CPUID, cpuid);
+    ioctl(vcpu, KVM_SET_CPUID2, cpuid);
+    free(cpuid);
+    const uint32_t idx[] = { 0x480, 0x481, 0x482, 0x483, 0x484, 0x48b, 0x48c, 0x486, 0x487,
+                             0x488, 0x489, 0x48d, 0x48e, 0x48f, 0x490 };
+    uint64_t v[15];
+    int rc = get_msrs(vcpu, idx, v, 15);
+    close(vcpu);
+    close(vm);
+    if (rc < 0) return "L0's KVM does not expose VMX to its guests (kvm_intel nested=0?)";
+    caps = (struct caps){ v[0], v[1], v[2], v[3], v[4], v[5], v[6], v[7], v[8], v[9], v[10] };
+    if ((caps.basic >> 55) & 1) {           /* TRUE controls allow clearing default-1 bits */
+        caps.pin = v[11]; caps.proc = v[12]; caps.exit = v[13]; caps.entry = v[14];
+    }
+    uint32_t p2 = (uint32_t)(caps.proc2 >> 32);
+    if (!((caps.proc >> 63) & 1)) return "no secondary processor-based controls";
+    if (!(p2 & (1u << 1))) return "L0 offers no EPT to L1 (kvm_intel ept=0?)";
+    if (!(p2 & (1u << 7))) return "L0 offers no unrestricted guest to L1";
+    if (!((caps.ept_vpid >> 20) & 1)) return "no INVEPT";
+    if (!((caps.ept_vpid >> 14) & 1) || !((caps.ept_vpid >> 6) & 1))
+        return "no write-back 4-level EPT";
+    why[0] = 0;
+    return why;
+}
+
+int main(int argc, char **argv)
+{
+    setvbuf(stdout, NULL, _IOLBF, 0);
+    int opt;
+    while ((opt = getopt(argc, argv, "n:x")) != -1) {
+        if (opt == 'n') iterations = atol(optarg);
+        else if (opt == 'x') omit_invept = 1;
+        else { fprintf(stderr, "usage: %s [-n ITERATIONS] [-x] [CASE...]\n", argv[0]); return 2; }
+    }
+    if (iterations < 2 || iterations > 5000) { fprintf(stderr, "bad -n\n"); return 2; }
+    int selected[NCASES], nsel = 0;
+    for (int c = 0; c < NCASES; c++) {
+        selected[c] = optind >= argc;
+        for (int a = optind; a < argc; a++)
+            if (!strcmp(argv[a], cases[c].name) || !strcmp(argv[a], cases[c].name + 4))
+                selected[c] = 1;
+        nsel += selected[c];
+    }
+    if (!nsel) { fprintf(stderr, "no such case\n"); return 2; }
+    printf("1..%d\n", nsel);
+    const char *skip = NULL;
+    if (!cpu_has("vmx"))
+        skip = "this CPU has no VMX (an AMD/SVM host runs svm-npt-test)";
+    else if ((kvm = open("/dev/kvm", O_RDWR | O_CLOEXEC)) < 0) {
+        printf("Bail out! /dev/kvm: %s\n", strerror(errno));
+        return 2;
+    } else if (*(skip = probe_caps()) == 0)
+        skip = NULL;
+    double t0 = now();
+    int failed = 0;
+    for (int c = 0; c < NCASES; c++) {
+        if (!selected[c]) continue;
+        int single = (caps.ept_vpid >> 25) & 1, global = (caps.ept_vpid >> 26) & 1;
+        if (skip)
+            printf("ok %d - %s # SKIP %s\n", ++tapno, cases[c].name, skip);
+        else if ((cases[c].needs == NEEDS_SINGLE && !single) ||
+                 (cases[c].needs == NEEDS_GLOBAL && !global))
+            printf("ok %d - %s # SKIP L0 offers no INVEPT %s-context\n", ++tapno, cases[c].name,
+                   cases[c].needs == NEEDS_GLOBAL ? "all" : "single");
+        else
+            failed += cases[c].fn(cases[c].name);
+    }
+    printf("# vmx-ept-test: %d cases, %ld iterations each, %.2f s\n", nsel, iterations, now() - t0);
+    return failed ? 1 : 0;
+}
