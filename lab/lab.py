@@ -142,7 +142,8 @@ class Lab:
             self.profile.kvm_module: {"nested": "1", self.profile.tdp_param: "1"}}
         for mod, ps in lv.modules.items():
             params.setdefault(mod, {}).update(ps)
-        words = ["console=ttyS0", "nokaslr", "panic=-1", f"lab.level={lv.name}"]
+        words = ["console=ttyS0", *([] if lv.kaslr else ["nokaslr"]), "panic=-1",
+                 f"lab.level={lv.name}"]
         if nested:
             # Every byte on a nested console is a VM exit through the levels above: print
             # warnings and worse only (loglevel 5 still shows WARNING, BUG, Oops, panic).
@@ -328,9 +329,17 @@ class Lab:
         offset = kaslr_offset(ssh, smap) if modules and ssh else 0
         lines.append(f"symbol-file {vmlinux}" + (f" -o {offset:#x}" if offset else ""))
         lines.append(f"target remote 127.0.0.1:{self.gdb_port}")
+        # Module symbols live in their own file: with --hold the modules load after gdb
+        # attaches, and `lab-modules` loads them then (the lab writes the file once L0 is up).
+        mods_file = self.run_dir / "modules.gdb"
+        lines += ["define lab-modules", f"  source {mods_file}", "end",
+                  "document lab-modules", "Load the symbols of L0's KVM modules (kvm, kvm_amd, "
+                  "kvm_intel) at the addresses they are loaded at.", "end"]
         if modules and ssh is not None:
-            for m in loaded_modules(ssh, module_root):
-                lines.append(add_symbol_file_command(m.debug_file, m.sections, m.present))
+            mods = [add_symbol_file_command(m.debug_file, m.sections, m.present)
+                    for m in loaded_modules(ssh, module_root)]
+            mods_file.write_text("\n".join(mods) + "\n")
+            lines.append("lab-modules")
         (self.run_dir / "gdbinit").write_text("\n".join(lines) + "\n")
 
     def start_probes(self) -> None:

@@ -37,6 +37,7 @@ LEVEL_SPEC = schema.Map({
         schema.Dict(schema.Scalar(), key_check=_is_name, key_what="a parameter name"),
         key_check=_is_name, key_what="a module name (letters, digits, _)"), default=None),
     "boot_timeout": schema.Field(schema.Int(minimum=1), default=None),
+    "kaslr": schema.Field(schema.Bool(), default=False),
 })
 
 STEP_SPEC = schema.Map({
@@ -76,6 +77,7 @@ class Level:
     modules: dict[str, dict[str, str]]
     boot_timeout: int
     line: int
+    kaslr: bool = False  # boot with KASLR (the default is nokaslr); gdb relocates the symbols
 
     @property
     def parent(self) -> str | None:
@@ -180,7 +182,7 @@ def load(path: Path) -> Playbook:
             memory_mb=lv["memory"] or DEFAULT_MEMORY[name], cpus=lv["cpus"],
             append=lv["append"], modules={m: dict(p) for m, p in (lv["modules"] or {}).items()},
             boot_timeout=lv["boot_timeout"] or DEFAULT_BOOT_TIMEOUT[name],
-            line=topo.lines[name])
+            line=topo.lines[name], kaslr=lv["kaslr"])
     for name, lv in levels.items():
         parent = lv.parent
         if parent is None:

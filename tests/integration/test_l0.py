@@ -218,3 +218,35 @@ def test_probe_keeps_l0_stopped_for_a_person(tmp_path: Path) -> None:
     rep = report(out)
     hits = rep["probes"][0]["hits"]
     assert len(hits) == 1 and hits[0]["captures"]["entry"]["vcpu_id"] == 0
+
+
+KASLR = """\
+name: kaslr
+topology:
+  l0: {image: %s, kaslr: true}
+probes:
+  - name: vcpu-run
+    at: kvm_arch_vcpu_ioctl_run
+    capture: {vcpu_id: vcpu->vcpu_id, text: "(unsigned long)&_text"}
+    max_hits: 1
+steps:
+  - name: run a KVM guest in L0
+    run: svm-npt-test -n 2 remap-flush-all; vmx-ept-test -n 2 remap-invept-single
+  - name: where the kernel was put
+    run: grep -m1 ' _text$' /proc/kallsyms
+"""
+
+
+def test_probes_work_with_kaslr(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    r = lab("run", str(playbook(tmp_path, KASLR)), "--out", str(out), timeout=600)
+    assert r.returncode == 0, r.stdout + r.stderr
+    rep = report(out)
+    runtime_text = int(rep["steps"][1]["stdout"].split()[0], 16)
+    assert rep["gdb"]["kaslr_offset"] == runtime_text - 0xFFFFFFFF81000000
+    hits = rep["probes"][0]["hits"]
+    assert len(hits) == 1, rep["probes"]
+    cap = hits[0]["captures"]["entry"]
+    assert cap["vcpu_id"] == 0 and cap["text"] == runtime_text  # gdb's symbols relocated
+    gdbinit = (out / "gdbinit").read_text()
+    assert f"-o {rep['gdb']['kaslr_offset']:#x}" in gdbinit or rep["gdb"]["kaslr_offset"] == 0
