@@ -75,6 +75,7 @@ class Lab:
                              started=datetime.datetime.now().isoformat(timespec="seconds"))
         self.up = False
         self.probes: GdbProbes | None = None
+        self.tracer: Any = None  # lab.tracefs.TraceProbes, when the playbook traces
         self.gdbstub_owner = "free"
         self.held: dict[str, Any] | None = None
         self.ready = False  # everything `lab up` promises is in place (boot, probes)
@@ -351,6 +352,11 @@ class Lab:
         specs = self.pb.probe_specs(self.profile.vendor)
         if not specs and not self.pb.inject:
             return
+        if self.pb.probe_backend == "tracefs":
+            self._start_tracefs(specs)
+            specs = []  # gdb, if needed at all, only injects
+            if not self.pb.inject:
+                return
         l0 = self.levels["l0"]
         assert l0.ssh is not None
         vmlinux, module_root, smap = self.debug_files()
@@ -376,7 +382,7 @@ class Lab:
                                 console_socket=self.sock_dir / "gdb-console",
                                 on_hold=self._on_hold)
         self.probes.start()
-        self.report.probe_backend = "gdb"
+        self.report.probe_backend = self.report.probe_backend or "gdb"
         self.report.gdb = {"vmlinux": str(vmlinux), "kaslr_offset": offset,
                            "load_vmlinux_s": round(t_load, 3),
                            "ready_after_attach_s": round(ready, 3),
@@ -385,12 +391,37 @@ class Lab:
         self.log(f"gdb: attached to L0, {len(mods)} modules, ready {ready:.2f} s after attach; "
                  f"{len(specs)} probes armed ({', '.join(s.name for s in specs)})")
 
+    def _start_tracefs(self, specs: list[Any]) -> None:
+        from lab.kernel import module_index
+        from lab.tracefs import TraceProbes, compile_probes
+
+        vmlinux, module_root, _ = self.debug_files()
+        index = module_index(module_root)
+        mods = [index[m] for m in ("kvm", "kvm_amd", "kvm_intel") if m in index]
+        t = time.monotonic()
+        compiled = compile_probes(specs, vmlinux, mods, self.run_dir)
+        l0 = self.levels["l0"].ssh
+        assert l0 is not None
+        self.tracer = TraceProbes(l0, specs, compiled, self.t0, log=self.log)
+        self.tracer.start()
+        self.report.probe_backend = "tracefs"
+        self.report.gdb["tracefs_compile_s"] = round(time.monotonic() - t, 3)
+        self.report.gdb["kprobe_events"] = list(self.tracer.lines.values())
+        self.report.gdb["probe_sets"] = sorted({s.origin for s in specs})
+
     def _on_hold(self, held: dict[str, Any] | None) -> None:
         """A probe stopped L0 for a person (or let it go): say so in state.json."""
         self.held = held
         access.write_state(self.run_dir, self.state())
 
     def stop_probes(self) -> None:
+        tracer, self.tracer = self.tracer, None
+        if tracer is not None:
+            try:
+                tracer.stop()
+            finally:
+                self.report.probes = tracer.results()
+                self.report.probe_timeline = timeline(self.report.probes)
         if self.probes is None:
             return
         probes, self.probes = self.probes, None

@@ -59,6 +59,7 @@ PLAYBOOK_SPEC = schema.Map({
     "steps": schema.Field(schema.List(STEP_SPEC), default=None),
     "probes": schema.Field(schema.List(PROBE_SPEC), default=None),
     "inject": schema.Field(schema.Str(choices=INJECTION_NAMES), default=None),
+    "probe_backend": schema.Field(schema.Str(choices=("gdb", "tracefs")), default="gdb"),
     "extends": schema.Field(schema.Str(), default=None),
 })
 
@@ -105,6 +106,7 @@ class Playbook:
     steps: list[Step] = field(default_factory=list)
     probes: list[Any] = field(default_factory=list)  # validated items; expanded per vendor
     inject: str | None = None
+    probe_backend: str = "gdb"
 
     def probe_specs(self, vendor: str) -> list[Any]:
         return load_probes(self.probes, vendor)
@@ -210,4 +212,4 @@ def load(path: Path) -> Playbook:
     load_probes(probes, "amd")  # validates; the lab expands the sets for the real vendor
     return Playbook(path=path, name=data["name"] or path.stem, description=data["description"],
                     profile=data["profile"], levels=levels, steps=steps, probes=probes,
-                    inject=data["inject"])
+                    inject=data["inject"], probe_backend=data["probe_backend"])

@@ -250,3 +250,47 @@ def test_probes_work_with_kaslr(tmp_path: Path) -> None:
     assert cap["vcpu_id"] == 0 and cap["text"] == runtime_text  # gdb's symbols relocated
     gdbinit = (out / "gdbinit").read_text()
     assert f"-o {rep['gdb']['kaslr_offset']:#x}" in gdbinit or rep["gdb"]["kaslr_offset"] == 0
+
+
+TRACED = """\
+name: traced
+probe_backend: tracefs
+topology:
+  l0: {image: %s}
+probes:
+  - name: exits
+    at: nested_svm_vmexit
+    capture: {nested_cr3: svm->nested.ctl.nested_cr3, roots: guest_mmu(&svm->vcpu)}
+    max_hits: 50
+  - name: not-traceable
+    at: kvm_mmu_sync_roots
+    if: vcpu->arch.mmu == &vcpu->arch.guest_mmu
+    capture: {roots: guest_mmu(vcpu)}
+steps:
+  - {name: bare-metal L1 with two nested CR3s, run: svm-npt-test -n 5 cached-root}
+"""
+
+
+def test_tracefs_probe_backend(tmp_path: Path) -> None:
+    prof = json.loads(lab("doctor", "--json").stdout)["profile"]
+    if prof == "kvm-vmx":
+        pytest.skip("the traced function is SVM's; this host runs VMX")
+    out = tmp_path / "run"
+    r = lab("run", str(playbook(tmp_path, TRACED)), "--out", str(out), timeout=600)
+    assert r.returncode == 0, r.stdout + r.stderr
+    rep = report(out)
+    assert rep["probe_backend"] == "tracefs"
+    assert any("+0x" in e for e in rep["gdb"]["kprobe_events"])  # offsets from DWARF
+    exits, refused = rep["probes"]
+    assert "conditions are not supported" in refused["error"] and not refused["hits"]
+    assert exits["error"] is None and exits["hits"]
+    pgds = set()
+    for h in exits["hits"]:
+        cap = h["captures"]["entry"]
+        assert cap["roots"]["active"] is True
+        assert cap["roots"]["current"]["pgd"] == cap["nested_cr3"]
+        pgds.add(cap["nested_cr3"])
+    assert len(pgds) == 2  # the two nested CR3s of the cached-root case
+    # the other root is kept among the previous ones, valid
+    assert any(p["valid"] and p["pgd"] in pgds for h in exits["hits"]
+               for p in h["captures"]["entry"]["roots"]["previous"])

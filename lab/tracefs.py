@@ -1,0 +1,194 @@
+"""The second probe backend: kprobe events in L0's tracefs, driven over SSH.
+
+For L0s without a gdbstub (Bochs, real machines), and for probes too hot for a debugger stop
+(a kprobe hit costs microseconds, a gdb stop tens of milliseconds). The same probe descriptions
+as the gdb backend: captures are compiled on the host by gdb from the vmlinux and module DWARF
+into kprobe fetch arguments (+OFFSET(BASE)), so nothing is hard-coded per kernel. Hits come back
+as the same records.
+
+What tracing cannot do, it says per probe (error), instead of guessing: conditions (a filter
+compares a field with a constant, not two fields), captures on return (return probes cannot
+fetch entry arguments), and expressions beyond ARG->field chains.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import time
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from lab.errors import LabError
+from lab.probes import INVALID_PAGE, ProbeSpec
+from lab.ssh import SSHSession
+
+TRACE = "/sys/kernel/tracing"
+GROUP = "lab"
+_LINE = re.compile(r"^\s*\S+-\d+\s+\[\d+\]\s+\S+\s+(?P<ts>\d+\.\d+): (?P<event>\w+): "
+                   r"\((?P<where>[^)]*)\)(?P<fields>.*)$")
+
+
+def compile_probes(specs: list[ProbeSpec], vmlinux: Path, modules: list[Path],
+                   log_dir: Path) -> list[dict[str, Any]]:
+    """Ask gdb (batch, on the host) for every offset the probes' captures need."""
+    helper = log_dir / "tracefs-compile.py"
+    helper.write_bytes((resources.files("lab") / "guest" / "tracefs_compile.py").read_bytes())
+    req = {"probes": [{"name": s.name, "at": s.at, "captures": s.captures} for s in specs]}
+    cmd = ["gdb", "-batch", "-nx", "-q", str(vmlinux)]
+    for i, ko in enumerate(modules):
+        # Any distinct kernel-like address will do (only types and blocks are looked up);
+        # at 0 gdb finds no block for a function's pc.
+        cmd += ["-ex", f"add-symbol-file {ko} {0xffffffffc0000000 + i * 0x1000000:#x}"]
+    cmd += ["-x", str(helper)]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
+                       env=dict(os.environ, LAB_TRACEFS_REQUEST=json.dumps(req)))
+    m = re.search(r"^LAB-TRACEFS (.*)$", p.stdout, re.M)
+    if not m:
+        raise LabError(f"compiling tracefs probes: gdb said: {(p.stdout + p.stderr)[-800:]}")
+    compiled: list[dict[str, Any]] = json.loads(m.group(1))
+    for spec, c in zip(specs, compiled, strict=True):
+        if c["error"] is None and spec.condition:
+            c["error"] = "conditions are not supported by the tracefs backend"
+        if c["error"] is None and spec.when != ["entry"]:
+            c["error"] = "the tracefs backend captures on entry only"
+    return compiled
+
+
+def event_name(probe: str) -> str:
+    return re.sub(r"\W", "_", probe)[:60]
+
+
+def event_line(compiled: dict[str, Any], at: str) -> str:
+    target = f"{compiled['module']}:{at}" if compiled.get("module") else at
+    args = []
+    for cname, cap in compiled["captures"].items():
+        for field, fetch in cap["fetch"].items():
+            args.append(f"{_field(cname, field)}={fetch}")
+    return f"p:{GROUP}/{event_name(compiled['name'])} {target} " + " ".join(args)
+
+
+def _field(capture: str, part: str) -> str:
+    return re.sub(r"\W", "_", f"{capture}__{part}")
+
+
+def parse_trace(text: str) -> list[dict[str, Any]]:
+    """Lines of /sys/kernel/tracing/trace -> {ts, event, where, fields{name: int}}."""
+    out = []
+    for line in text.splitlines():
+        m = _LINE.match(line)
+        if not m:
+            continue
+        fields = {k: int(v, 0) for k, v in re.findall(r"(\w+)=(0x[0-9a-fA-F]+|-?\d+)",
+                                                      m.group("fields"))}
+        out.append({"ts": float(m.group("ts")), "event": m.group("event"),
+                    "where": m.group("where"), "fields": fields})
+    return out
+
+
+def assemble(compiled: dict[str, Any], fields: dict[str, int]) -> dict[str, Any]:
+    caps: dict[str, Any] = {}
+    for cname, cap in compiled["captures"].items():
+        def get(part: str, cname: str = cname) -> int:
+            return fields[_field(cname, part)]
+
+        if cap["kind"] == "value":
+            caps[cname] = get("v")
+            continue
+        prev = [{"pgd": get(f"p{k}_pgd"), "hpa": get(f"p{k}_hpa"),
+                 "valid": get(f"p{k}_hpa") != INVALID_PAGE} for k in range(cap["prev"])]
+        vcpu = get("vcpu") + cap["extra"]
+        caps[cname] = {
+            "current": {"pgd": get("cur_pgd"), "hpa": get("cur_hpa"),
+                        "valid": get("cur_hpa") != INVALID_PAGE},
+            "previous": prev,
+            # "guest_mmu is active" is decided here: mmu == &vcpu->arch.guest_mmu
+            "active": get("mmu") == vcpu + cap["guest_mmu_offset"]}
+    return caps
+
+
+class TraceProbes:
+    """ProbeBackend through kprobe events in L0 (no stop, no gdbstub)."""
+
+    name = "tracefs"
+
+    def __init__(self, ssh: SSHSession, specs: list[ProbeSpec], compiled: list[dict[str, Any]],
+                 t0: float, log: Any = print) -> None:
+        self.ssh = ssh
+        self.specs = specs
+        self.compiled = compiled
+        self.t0 = t0
+        self.log = log
+        self.hits: dict[str, list[dict[str, Any]]] = {s.name: [] for s in specs}
+        self.errors = {c["name"]: c["error"] for c in compiled}
+        self.lines: dict[str, str] = {}
+        self.clock: tuple[float, float] | None = None  # (host t, guest trace ts) at start
+
+    def _sh(self, script: str, timeout: float = 60) -> str:
+        r = self.ssh.run(script, timeout=timeout)
+        if r.exit_status != 0:
+            raise LabError(f"tracefs: {r.stderr.strip() or r.stdout.strip()}", level="l0")
+        return r.stdout
+
+    def start(self) -> None:
+        cmds = [f"mountpoint -q {TRACE} || mount -t tracefs nodev {TRACE}",
+                f"echo 0 > {TRACE}/tracing_on", f"echo > {TRACE}/trace",
+                f"echo 16384 > {TRACE}/buffer_size_kb"]
+        for spec, c in zip(self.specs, self.compiled, strict=True):
+            if c["error"]:
+                self.log(f"probe {spec.name}: {c['error']}")
+                continue
+            line = event_line(c, spec.at)
+            self.lines[spec.name] = line
+            ev = event_name(spec.name)
+            cmds.append(f"echo '{line}' >> {TRACE}/kprobe_events || "
+                        f"{{ echo \"{spec.name}: $(tail -3 {TRACE}/error_log)\"; }}")
+            cmds.append(f"[ -d {TRACE}/events/{GROUP}/{ev} ] && "
+                        f"echo 1 > {TRACE}/events/{GROUP}/{ev}/enable")
+        cmds.append(f"echo 1 > {TRACE}/tracing_on")
+        # The trace clock ("local", seconds since boot) against the host's, to place hits.
+        cmds.append("cut -d' ' -f1 /proc/uptime")
+        out = self._sh("; ".join(cmds) + "; true")
+        host_now = time.monotonic() - self.t0
+        lines = out.strip().splitlines()
+        for ln in lines[:-1]:
+            name = ln.split(":", 1)[0]
+            if name in self.errors and not self.errors[name]:
+                self.errors[name] = f"kprobe_events refused it: {ln.split(':', 1)[1].strip()}"
+        try:
+            self.clock = (host_now, float(lines[-1]))
+        except (IndexError, ValueError):
+            self.clock = None
+        self.log(f"tracefs: {len(self.lines)} kprobe events in L0 "
+                 f"({', '.join(self.lines) or 'none'})")
+
+    def stop(self) -> None:
+        # Take down only the lab's own events; anything else in kprobe_events stays.
+        cmds = [f"echo 0 > {TRACE}/tracing_on", f"cat {TRACE}/trace"]
+        for n in self.lines:
+            cmds += [f"echo 0 > {TRACE}/events/{GROUP}/{event_name(n)}/enable",
+                     f"echo '-:{GROUP}/{event_name(n)}' >> {TRACE}/kprobe_events"]
+        text = self._sh("; ".join([*cmds, "true"]), timeout=300)
+        by_event = {event_name(s.name): s for s in self.specs}
+        compiled = {c["name"]: c for c in self.compiled}
+        for rec in parse_trace(text):
+            spec = by_event.get(rec["event"])
+            if spec is None:
+                continue
+            hits = self.hits[spec.name]
+            if len(hits) >= spec.max_hits:
+                continue
+            t = rec["ts"] - self.clock[1] + self.clock[0] if self.clock else 0.0
+            hits.append({"hit": len(hits) + 1, "t": round(t, 3), "guest_ts": rec["ts"],
+                         "location": {"func": rec["where"].split("+")[0], "file": None,
+                                      "line": None, "addr": None},
+                         "captures": {"entry": assemble(compiled[spec.name], rec["fields"])}})
+
+    def results(self) -> list[dict[str, Any]]:
+        return [{"name": s.name, "at": s.at, "location": self.lines.get(s.name, ""),
+                 "condition": s.condition, "when": s.when, "origin": s.origin,
+                 "max_hits": s.max_hits, "error": self.errors.get(s.name),
+                 "hits": self.hits[s.name]} for s in self.specs]
