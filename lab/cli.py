@@ -155,7 +155,7 @@ def _run_playbook(pb: playbook.Playbook, run_dir: Path, profile: Profile, tree: 
             phase, t = "boot", time.monotonic()
             lab.boot()
             rep.phases["boot"] = round(time.monotonic() - t, 3)
-            if pb.probes:
+            if pb.probes or pb.inject:
                 phase, t = "probes", time.monotonic()
                 lab.start_probes()
                 rep.phases["probes_attach"] = round(time.monotonic() - t, 3)

@@ -2,8 +2,8 @@
 
 A probe names a place (function or file:line), an optional condition, what to capture (gdb
 expressions and the built-in `guest_mmu(VCPU)`), when (on entry and/or on return), how many hits
-at most, and what to do after. The description is backend-neutral; `GdbProbes` is the backend
-that runs it through L0's gdbstub (a tracing backend inside L0 is the planned second one).
+at most, and what to do after. The description is backend-neutral; `GdbProbes` runs it through
+L0's gdbstub, `lab.tracefs.TraceProbes` through kprobe events inside L0.
 """
 
 from __future__ import annotations
