@@ -294,9 +294,14 @@ class GdbProbes:
                         self.gdb.pending.appendleft(st)
                     continue
                 self._on_stop(st)
-        except Exception as e:
+        except Exception as e:  # reported in the run's report
             self.error = f"{type(e).__name__}: {e}"
-            self.log(f"probes: {self.error}")
+            self.log(f"probes: {self.error}; detaching so that L0 runs on")
+            # Never leave L0 stopped behind a dead prober: the lab's steps would hang.
+            try:
+                self._finish()
+            except Exception as e2:
+                self.log(f"probes: detaching failed too: {e2}")
 
     def _probe_for(self, st: dict[str, Any]) -> ProbeState | None:
         num = str(st.get("payload", {}).get("bkptno", ""))
@@ -318,6 +323,7 @@ class GdbProbes:
             "captures": {}}
         if "entry" in p.spec.when:
             hit["captures"]["entry"] = self._capture(p, [])
+        elsewhere = None
         if "return" in p.spec.when:
             args = self.gdb.save_args()
             self.gdb.cmd("-exec-finish")
@@ -329,14 +335,20 @@ class GdbProbes:
                     cap["return_value"] = parse(rv)
                 hit["captures"]["return"] = cap
             else:
-                # Another probe stopped L0 before the return: handle that stop next.
-                hit["captures"]["return"] = {"error": "stopped elsewhere before the return"}
-                if fin is not None:
-                    self.gdb.pending.appendleft(fin)
+                # A breakpoint stopped L0 before the return (another probe, or this one
+                # again): L0 is stopped there now, so that stop is the next hit to handle,
+                # and L0 must not be continued from here.
+                hit["captures"]["return"] = {"error": "stopped at another breakpoint before "
+                                                      "the return"}
+                elsewhere = fin
         p.hits.append(hit)
         if len(p.hits) >= p.spec.max_hits:
             p.done = True
             self.gdb.cmd(f"-break-delete {p.number}")
+        if elsewhere is not None:
+            self.gdb.pending.appendleft(elsewhere)
+            hit["cost_ms"] = round((time.monotonic() - t_stop) * 1000, 1)
+            return
         hit["cost_ms"] = round((time.monotonic() - t_stop) * 1000, 1)
         if p.spec.then == "stop":
             self.held = {"probe": p.spec.name, "hit": hit["hit"], "location": p.location}

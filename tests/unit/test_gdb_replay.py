@@ -134,3 +134,101 @@ def test_add_symbol_file_leaves_init_sections_out() -> None:
                                    ".bss": 0x40, ".note.gnu": 0x50},
                                   {".text", ".data", ".init.text", ".bss"})
     assert cmd == "add-symbol-file /d/kvm.ko 0x10 -s .bss 0x40 -s .data 0x20"
+
+
+class Scripted:
+    """A gdb that answers by command kind, stopping the target at scripted places: for the
+    race where `finish` is cut short by another breakpoint (seen in a real CI run)."""
+
+    def __init__(self, stops: list[dict[str, Any]]) -> None:
+        self.stops = stops
+        self.out: list[dict[str, Any]] = []
+        self.commands: list[str] = []
+        self.running = False
+
+    def _res(self, tok: str, msg: str = "done", payload: Any = None) -> None:
+        self.out.append({"type": "result", "message": msg, "payload": payload,
+                         "token": int(tok), "stream": "stdout"})
+
+    def _go(self, tok: str) -> None:
+        if self.running:
+            self._res(tok, "error", {"msg": "Cannot execute this command while the selected "
+                                            "thread is running."})
+            return
+        self._res(tok, "running")
+        self.out.append({"type": "notify", "message": "running", "payload": {}, "token": None})
+        self.running = True
+        if self.stops:
+            self.out.append({"type": "notify", "message": "stopped",
+                             "payload": self.stops.pop(0), "token": None})
+            self.running = False
+
+    def _console(self, text: str) -> None:
+        self.out.append({"type": "console", "message": None, "payload": text, "token": None})
+
+    def write(self, command: str, read_response: bool = False) -> None:
+        import base64
+        import re
+
+        tok, cmd = re.match(r"(\d+)(.*)", command).groups()  # type: ignore[union-attr]
+        self.commands.append(cmd)
+        if cmd.startswith(("-exec-continue", "-exec-finish")):
+            self._go(tok)
+            return
+        if "_lab_eval" in cmd:
+            b64 = re.search(r'_lab_eval\(\\"([A-Za-z0-9+/=]+)\\"', cmd).group(1)  # type: ignore[union-attr]
+            exprs = json.loads(base64.b64decode(b64))
+            self._console("LAB-EVAL " + json.dumps([[True, "1"]] * len(exprs)) + "\n")
+        elif "_lab_save_args" in cmd:
+            self._console('LAB-ARGS ["vcpu"]\n')
+        elif cmd.startswith("-break-insert"):
+            n = sum(c.startswith("-break-insert") for c in self.commands)
+            self._res(tok, payload={"bkpt": {"number": str(n), "func": "f", "file": "x.c",
+                                             "line": "1"}})
+            return
+        elif cmd.startswith("-exec-interrupt"):
+            self._res(tok)
+            self.out.append({"type": "notify", "message": "stopped",
+                             "payload": {"reason": "signal-received"}, "token": None})
+            self.running = False
+            return
+        self._res(tok)
+
+    def get_gdb_response(self, timeout_sec: float = 1,
+                         raise_error_on_timeout: bool = True) -> list[dict[str, Any]]:
+        out, self.out = self.out, []
+        if not out:
+            time.sleep(min(timeout_sec, 0.01))
+        return out
+
+    def exit(self) -> None:
+        pass
+
+
+def _hit(n: str) -> dict[str, Any]:
+    return {"reason": "breakpoint-hit", "bkptno": n, "frame": {"func": f"f{n}", "addr": "0x10"}}
+
+
+def test_finish_cut_short_by_another_breakpoint(tmp_path: Path) -> None:
+    from lab.probes import ProbeSpec
+
+    gdb = Scripted([_hit("1"), _hit("2"), _hit("1"),
+                    {"reason": "function-finished", "frame": {"func": "caller"}}])
+    s = GdbSession(tmp_path / "gdb.log", controller=gdb)
+    specs = [ProbeSpec("with-return", "f1", captures={"x": "vcpu->x"},
+                       when=["entry", "return"], max_hits=2),
+             ProbeSpec("entry-only", "f2", captures={"y": "y"}, max_hits=1)]
+    probes = GdbProbes(s, specs, time.monotonic(), log=lambda m: None)
+    probes.start()
+    deadline = time.monotonic() + 10
+    while not probes.detached and time.monotonic() < deadline:
+        time.sleep(0.01)
+    probes.stop()
+    assert probes.error is None, probes.error
+    # After the finish that stopped at f2, the next command must handle f2, not continue.
+    i = gdb.commands.index("-exec-finish")
+    assert not gdb.commands[i + 1].startswith("-exec-continue")
+    res = {p["name"]: p["hits"] for p in probes.results()}
+    assert "error" in res["with-return"][0]["captures"]["return"]
+    assert res["with-return"][1]["captures"]["return"] == {"x": 1}
+    assert len(res["entry-only"]) == 1
