@@ -334,6 +334,10 @@ class GdbProbes:
                 if rv is not None:
                     cap["return_value"] = parse(rv)
                 hit["captures"]["return"] = cap
+            elif fin is None:
+                # The function did not return within a minute: stop L0 so that it can go on.
+                hit["captures"]["return"] = {"error": "no return within 60 s"}
+                self.gdb.interrupt()
             else:
                 # A breakpoint stopped L0 before the return (another probe, or this one
                 # again): L0 is stopped there now, so that stop is the next hit to handle,
