@@ -167,9 +167,6 @@ class GdbSession:
             if check:
                 check()
 
-    def drop_pending(self) -> None:
-        self.pending.clear()
-
     # -- target --------------------------------------------------------------------------------
     def load_kernel(self, vmlinux: Path, offset: int = 0) -> float:
         t = time.monotonic()

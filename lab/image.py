@@ -64,10 +64,6 @@ class Recipe:
     modules: list[str]
     text: str  # the recipe file's content: part of the image key
 
-    def kernel_spec(self) -> str:
-        return self.kernel.identity()
-
-
 def load_recipe(path: Path, kernel_tree: Path | None = None) -> Recipe:
     data = schema.load(path, RECIPE_SPEC)
     k = data["kernel"]
@@ -90,10 +86,6 @@ def load_recipe(path: Path, kernel_tree: Path | None = None) -> Recipe:
         raise UsageError(f"{where}: kernel: expected `debian: PACKAGE` or `tree: PATH`")
     return Recipe(name=path.stem, path=path, description=data["description"], kernel=source,
                   modules=data["modules"] or list(DEFAULT_MODULES), text=path.read_text())
-
-
-def find_recipe(images_dir: Path, name: str) -> Path:
-    return images_dir / f"{name}.yaml"
 
 
 @dataclass
@@ -222,9 +214,6 @@ class Builder:
             self.log(f"built image {out.name}: initrd {size >> 20} MiB "
                      f"in {manifest['build_seconds']} s")
             return BuiltImage.load(out)
-
-    def debug_files(self, recipe: Recipe) -> DebugFiles:
-        return recipe.kernel.fetch_debug(self.cache)
 
     def _plan(self, recipe: Recipe, module_root: Path, release: str,
               child: BuiltImage | None) -> Plan:

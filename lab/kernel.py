@@ -287,5 +287,3 @@ def resolve_modules(root: Path, names: list[str]) -> list[tuple[str, Path, list[
     return order
 
 
-def describe(files: KernelFiles) -> str:
-    return json.dumps({"release": files.release, "source": files.label})

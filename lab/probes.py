@@ -457,5 +457,3 @@ def timeline(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return sorted(rows, key=lambda r: r["t"])
 
 
-def gdb_log_path(run_dir: Path) -> Path:
-    return run_dir / "gdb.log"
