@@ -273,13 +273,16 @@ class Lab:
             append=self._append(st.level, nested=True), ssh_port=CHILD_SSH_PORT,
             # Inside the parent, ttyS1 carries this level's console up, ttyS2 the next one's.
             serials=[Serial(n, "dev", f"/dev/ttyS{i + 1}") for i, n in enumerate([name, *below])],
-            pidfile=f"/run/lab-{name}.pid", binary="/usr/bin/qemu-system-x86_64")
+            binary="/usr/bin/qemu-system-x86_64")
         con = st.console
         assert con is not None
         since = len(con.lines)
         log = f"/run/lab-{name}.qemu.log"
         st.timeline["launch"] = self.now()
-        parent.ssh.start(f"exec {shell_command(st.spec)} >{log} 2>&1")
+        # The shell records its pid and then becomes QEMU (exec keeps the pid): the pid file
+        # exists before QEMU has even started, unlike QEMU's own -pidfile.
+        parent.ssh.start(f"echo $$ > /run/lab-{name}.pid; exec {shell_command(st.spec)} "
+                         f">{log} 2>&1")
 
         last_check = [0.0]
 
