@@ -138,3 +138,26 @@ def test_cli_missing_playbook_exits_2(tmp_path: Path) -> None:
     r = subprocess.run([sys.executable, "-m", "lab", "run", str(tmp_path / "nope.yaml")],
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and "cannot read" in r.stderr
+
+
+def test_extends_replaces_only_the_keys_it_sets(tmp_path: Path) -> None:
+    base = make(tmp_path, GOOD)
+    child = base.with_name("child.yaml")
+    child.write_text("extends: t.yaml\nname: child\ninject: invalidate-too-little\n"
+                     "steps:\n  - {run: 'true', on: l0}\n")
+    pb = playbook.load(child)
+    assert pb.name == "child" and pb.inject == "invalidate-too-little"
+    assert list(pb.levels) == ["l0", "l1"]  # from the base
+    assert [s.run for s in pb.steps] == ["true"]  # replaced
+
+
+def test_extends_errors(tmp_path: Path) -> None:
+    make(tmp_path, GOOD)
+    loop = tmp_path / "playbooks" / "loop.yaml"
+    loop.write_text("extends: loop.yaml\n")
+    with pytest.raises(UsageError, match="extends itself"):
+        playbook.load(loop)
+    missing = tmp_path / "playbooks" / "m.yaml"
+    missing.write_text("extends: nope.yaml\n")
+    with pytest.raises(UsageError, match=r"m.yaml:1: extends: no playbook"):
+        playbook.load(missing)
