@@ -18,10 +18,14 @@ from lab.errors import LabError
 CFLAGS = ["-O2", "-static", "-Wall", "-Wextra", "-Werror"]
 
 
-def sources() -> dict[str, bytes]:
+def _files(suffix: str) -> dict[str, bytes]:
     d = resources.files("lab") / "guest" / "tools"
-    return {p.name.removesuffix(".c"): p.read_bytes() for p in d.iterdir()
-            if p.name.endswith(".c")}
+    return {p.name: p.read_bytes() for p in d.iterdir() if p.name.endswith(suffix)}
+
+
+def sources() -> dict[str, bytes]:
+    """tool name -> C source; each tool is one .c file plus the shared headers."""
+    return {name.removesuffix(".c"): src for name, src in _files(".c").items()}
 
 
 def build(cache: Path) -> dict[str, Path]:
@@ -30,8 +34,11 @@ def build(cache: Path) -> dict[str, Path]:
     if cc is None:
         raise LabError("gcc is not installed (apt-get install -y gcc libc6-dev)")
     out = {}
+    headers = _files(".h")
+    shared = b"".join(k.encode() + v for k, v in sorted(headers.items()))
     for name, src in sorted(sources().items()):
-        h = hashlib.sha256(src + " ".join(CFLAGS).encode() + cc.encode()).hexdigest()[:16]
+        h = hashlib.sha256(src + shared + " ".join(CFLAGS).encode() + cc.encode()
+                           ).hexdigest()[:16]
         binary = cache / "tools" / f"{name}-{h}" / name
         if not binary.exists():
             with locked(cache / "tools" / f".{name}-{h}.lock"):
@@ -40,8 +47,10 @@ def build(cache: Path) -> dict[str, Path]:
                     shutil.rmtree(tmp, ignore_errors=True)
                     tmp.mkdir(parents=True)
                     (tmp / f"{name}.c").write_bytes(src)
-                    p = subprocess.run([cc, *CFLAGS, "-o", str(tmp / name), str(tmp / f"{name}.c")],
-                                       capture_output=True, text=True)
+                    for hname, body in headers.items():
+                        (tmp / hname).write_bytes(body)
+                    p = subprocess.run([cc, *CFLAGS, "-I", str(tmp), "-o", str(tmp / name),
+                                        str(tmp / f"{name}.c")], capture_output=True, text=True)
                     if p.returncode != 0:
                         raise LabError(f"building {name}: {p.stderr.strip()[-1500:]}")
                     tmp.rename(binary.parent)

@@ -23,6 +23,8 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "labtest.h"
+
 #define CODE_GPA   0x0
 #define CODE_SIZE  0x10000
 #define R_READ     0x1000             /* mov (%esi),%eax; out %eax,$0x10; hlt */
@@ -52,7 +54,6 @@ __asm__(".pushsection .rodata\n"
 
 static int kvm;
 static long iterations = 50;
-static int tapno;
 
 struct vm {
     int fd, vcpu;
@@ -72,13 +73,6 @@ struct outcome {
     uint64_t mmio_addr;
     int err;
 };
-
-static double now(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return ts.tv_sec + ts.tv_nsec / 1e9;
-}
 
 static uint8_t *alloc_backing(void)
 {
@@ -206,16 +200,8 @@ static void check(struct tally *t, long iter, int ok, const char *expected, stru
 
 static int done(struct tally *t, const char *setup_error)
 {
-    tapno++;
-    if (setup_error)
-        printf("not ok %d - %s: setup failed: %s\n", tapno, t->name, setup_error);
-    else if (t->bad)
-        printf("not ok %d - %s: %ld of %ld checks failed (first at iteration %ld: %s)\n",
-               tapno, t->name, t->bad, t->checks, t->first_iter, t->first);
-    else
-        printf("ok %d - %s: %ld checks in %.2f s\n", tapno, t->name, t->checks, now() - t->t0);
-    fflush(stdout);
-    return setup_error || t->bad;
+    return tap_result(t->name, t->checks, t->bad, t->first_iter, t->first, now() - t->t0,
+                      setup_error);
 }
 
 static uint32_t stamp(long i, int k) { return 0xC0DE0000u ^ (uint32_t)(i * 131 + k * 7 + 1); }
@@ -416,16 +402,11 @@ int main(int argc, char **argv)
         else { fprintf(stderr, "usage: %s [-n ITERATIONS] [CASE...]\n", argv[0]); return 2; }
     }
     if (iterations < 1 || iterations > 100000) { fprintf(stderr, "bad -n\n"); return 2; }
-    int selected[NCASES], nsel = 0;
-    for (int c = 0; c < NCASES; c++) {
-        selected[c] = optind >= argc;
-        for (int a = optind; a < argc; a++)
-            if (!strcmp(argv[a], cases[c].name) || !strcmp(argv[a], cases[c].name + 4))
-                selected[c] = 1;
-        nsel += selected[c];
-    }
+    const char *names[NCASES];
+    int selected[NCASES];
+    for (int c = 0; c < NCASES; c++) names[c] = cases[c].name;
+    int nsel = select_cases(argc, argv, optind, names, NCASES, selected);
     if (!nsel) { fprintf(stderr, "no such case\n"); return 2; }
-    printf("1..%d\n", nsel);
     kvm = open("/dev/kvm", O_RDWR | O_CLOEXEC);
     if (kvm < 0) { printf("Bail out! /dev/kvm: %s\n", strerror(errno)); return 2; }
     double t0 = now();

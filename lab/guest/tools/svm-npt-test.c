@@ -26,6 +26,8 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "labtest.h"
+
 /* L1 physical memory (identity-mapped with 2M pages for L1 itself) */
 #define MEM_SIZE   0x400000ul
 #define L1_CODE    0x1000
@@ -138,13 +140,6 @@ static const uint32_t pattern[5] = { 0xAAAAAAAA, 0xBBBBBBBB, 0xCCCCCCCC, 0xDDDDD
 static void put64(uint8_t *p, uint64_t v) { memcpy(p, &v, 8); }
 static void put32(uint8_t *p, uint32_t v) { memcpy(p, &v, 4); }
 static void put16(uint8_t *p, uint16_t v) { memcpy(p, &v, 2); }
-
-static double now(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return ts.tv_sec + ts.tv_nsec / 1e9;
-}
 
 struct vm {
     int fd, vcpu;
@@ -309,22 +304,7 @@ static struct result *results(struct vm *vm) { return (struct result *)(vm->mem 
 /* What one VMRUN should give; filled by each case, checked by check(). */
 struct expect { uint64_t exit_code; uint32_t value; uint64_t info2; };
 
-static int tapno;
 static long iterations = 50;
-
-static void report(const char *name, long n, int bad, long first, const char *first_what,
-                   double secs, const char *setup_error)
-{
-    tapno++;
-    if (setup_error)
-        printf("not ok %d - %s: setup failed: %s\n", tapno, name, setup_error);
-    else if (bad)
-        printf("not ok %d - %s: %d of %ld checks stale or wrong (first at iteration %ld: %s)\n",
-               tapno, name, bad, n, first, first_what);
-    else
-        printf("ok %d - %s: %ld checks in %.2f s\n", tapno, name, n, secs);
-    fflush(stdout);
-}
 
 /* Run the script, compare each VMRUN's result with expect[], report one TAP line. */
 static int finish(struct vm *vm, const char *name, struct expect *exp, int nexp, double t0)
@@ -333,8 +313,7 @@ static int finish(struct vm *vm, const char *name, struct expect *exp, int nexp,
     int bad = 0;
     long first = -1;
     if (vm_go(vm, err, sizeof err) < 0) {
-        report(name, nexp, 0, 0, "", 0, err);
-        return 1;
+        return tap_result(name, nexp, 0, 0, "", 0, err);
     }
     double secs = now() - t0;
     struct result *r = results(vm);
@@ -363,8 +342,7 @@ static int finish(struct vm *vm, const char *name, struct expect *exp, int nexp,
             bad++;
         }
     }
-    report(name, nexp, bad, first, what, secs, NULL);
-    return bad ? 1 : 0;
+    return tap_result(name, nexp, bad, first, what, secs, NULL);
 }
 
 #define MAXEXP 20000
@@ -376,7 +354,7 @@ static int case_remap(int kvm, const char *name, int tlb_ctl, int new_asid, int 
     static struct expect exp[MAXEXP];
     int n = 0;
     double t0 = now();
-    if (vm_create(kvm, &vm) < 0) { report(name, 0, 0, 0, "", 0, "vm_create"); return 1; }
+    if (vm_create(kvm, &vm) < 0) { tap_result(name, 0, 0, 0, "", 0, "vm_create"); return 1; }
     for (long i = 0; i < iterations && n < MAXEXP; i++) {
         int p = i % 4;
         if (decoy)  /* two writes to the leaf between VMRUNs */
@@ -397,7 +375,7 @@ static int case_write_protect(int kvm, const char *name)
     static struct expect exp[MAXEXP];
     int n = 0;
     double t0 = now();
-    if (vm_create(kvm, &vm) < 0) { report(name, 0, 0, 0, "", 0, "vm_create"); return 1; }
+    if (vm_create(kvm, &vm) < 0) { tap_result(name, 0, 0, 0, "", 0, "vm_create"); return 1; }
     for (long i = 0; i < iterations && n < MAXEXP; i++) {
         int ro = (i % 2) == 0;
         store(&vm, NPT_LEAF(NPT_A), leaf(0, ro ? 0 : PTE_RW));
@@ -417,7 +395,7 @@ static int case_unmap(int kvm, const char *name)
     static struct expect exp[MAXEXP];
     int n = 0;
     double t0 = now();
-    if (vm_create(kvm, &vm) < 0) { report(name, 0, 0, 0, "", 0, "vm_create"); return 1; }
+    if (vm_create(kvm, &vm) < 0) { tap_result(name, 0, 0, 0, "", 0, "vm_create"); return 1; }
     for (long i = 0; i < iterations && n < MAXEXP; i++) {
         int p = (i / 2) % 4;
         if (i % 2 == 0) {
@@ -443,7 +421,7 @@ static int case_cached_root(int kvm, const char *name)
     static struct expect exp[MAXEXP];
     int n = 0;
     double t0 = now();
-    if (vm_create(kvm, &vm) < 0) { report(name, 0, 0, 0, "", 0, "vm_create"); return 1; }
+    if (vm_create(kvm, &vm) < 0) { tap_result(name, 0, 0, 0, "", 0, "vm_create"); return 1; }
     int cur_a = 0, cur_b = 1;   /* the pages each root maps X to */
     vmrun(&vm, L2_READ, 1, 1);  /* root A, then B: both now known to L0 */
     exp[n++] = (struct expect){ EXIT_HLT, pattern[cur_a], 0 };
@@ -487,22 +465,14 @@ static const struct tcase cases[] = {
 };
 #define NCASES (int)(sizeof(cases) / sizeof(cases[0]))
 
-static int has_svm(char *why, size_t len)
+/* Why this host cannot run the cases, or NULL. */
+static const char *no_svm(void)
 {
-    FILE *f = fopen("/proc/cpuinfo", "r");
-    char line[4096];
-    int svm = 0, npt = 0;
-    while (f && fgets(line, sizeof line, f)) {
-        if (strncmp(line, "flags", 5) == 0) {
-            svm = strstr(line, " svm") != NULL;
-            npt = strstr(line, " npt") != NULL;
-            break;
-        }
-    }
-    if (f) fclose(f);
-    if (!svm) { snprintf(why, len, "this CPU has no SVM (an Intel/VMX host runs vmx-ept-test)"); return 0; }
-    if (!npt) { snprintf(why, len, "this CPU has SVM without nested paging (npt)"); return 0; }
-    return 1;
+    if (!cpu_has("svm"))
+        return "this CPU has no SVM (an Intel/VMX host runs vmx-ept-test)";
+    if (!cpu_has("npt"))
+        return "this CPU has SVM without nested paging (npt)";
+    return NULL;
 }
 
 int main(int argc, char **argv)
@@ -514,20 +484,15 @@ int main(int argc, char **argv)
         else { fprintf(stderr, "usage: %s [-n ITERATIONS] [CASE...]\n", argv[0]); return 2; }
     }
     if (iterations < 2 || iterations > 5000) { fprintf(stderr, "bad -n\n"); return 2; }
-    int selected[NCASES], nsel = 0;
-    for (int c = 0; c < NCASES; c++) {
-        selected[c] = optind >= argc;
-        for (int a = optind; a < argc; a++)
-            if (!strcmp(argv[a], cases[c].name) || !strcmp(argv[a], cases[c].name + 4))
-                selected[c] = 1;
-        nsel += selected[c];
-    }
+    const char *names[NCASES];
+    int selected[NCASES];
+    for (int c = 0; c < NCASES; c++) names[c] = cases[c].name;
+    int nsel = select_cases(argc, argv, optind, names, NCASES, selected);
     if (!nsel) { fprintf(stderr, "no such case\n"); return 2; }
-    printf("1..%d\n", nsel);
-    char why[200];
-    if (!has_svm(why, sizeof why)) {
+    const char *why = no_svm();
+    if (why) {
         for (int c = 0; c < NCASES; c++)
-            if (selected[c]) printf("ok %d - %s # SKIP %s\n", ++tapno, cases[c].name, why);
+            if (selected[c]) tap_skip(cases[c].name, why);
         return 0;
     }
     int kvm = open("/dev/kvm", O_RDWR | O_CLOEXEC);

@@ -29,6 +29,8 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "labtest.h"
+
 #define MEM_SIZE   0x400000ul
 #define L1_CODE    0x1000
 #define L1_PML4    0x2000
@@ -178,13 +180,6 @@ static void put64(uint8_t *p, uint64_t v) { memcpy(p, &v, 8); }
 static void put32(uint8_t *p, uint32_t v) { memcpy(p, &v, 4); }
 static uint64_t get64(const uint8_t *p) { uint64_t v; memcpy(&v, p, 8); return v; }
 
-static double now(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return ts.tv_sec + ts.tv_nsec / 1e9;
-}
-
 /* VMX capability MSRs of the vCPU, as L0's KVM reports them to L1 */
 struct caps {
     uint64_t basic, pin, proc, exit, entry, proc2, ept_vpid, cr0_0, cr0_1, cr4_0, cr4_1;
@@ -201,7 +196,6 @@ struct vm {
 static int kvm;
 static struct caps caps;
 static long iterations = 50;
-static int tapno;
 
 static uint64_t page(int i) { return PAGES + (uint64_t)i * 0x1000; }
 static uint64_t leaf(int i, uint64_t perms) { return page(i) | EPT_WB | perms; }
@@ -411,26 +405,12 @@ static int vm_go(struct vm *vm, char *err, size_t errlen)
 
 struct expect { uint64_t reason; uint32_t value; uint64_t gpa; };
 
-static void report(const char *name, long n, int bad, long first, const char *what,
-                   double secs, const char *setup_error)
-{
-    tapno++;
-    if (setup_error)
-        printf("not ok %d - %s: setup failed: %s\n", tapno, name, setup_error);
-    else if (bad)
-        printf("not ok %d - %s: %d of %ld checks stale or wrong (first at iteration %ld: %s)\n",
-               tapno, name, bad, n, first, what);
-    else
-        printf("ok %d - %s: %ld checks in %.2f s\n", tapno, name, n, secs);
-    fflush(stdout);
-}
-
 static int finish(struct vm *vm, const char *name, struct expect *exp, int n, double t0)
 {
     char err[256] = "", what[200] = "";
     int bad = 0;
     long first = -1;
-    if (vm_go(vm, err, sizeof err) < 0) { report(name, n, 0, 0, "", 0, err); return 1; }
+    if (vm_go(vm, err, sizeof err) < 0) return tap_result(name, n, 0, 0, "", 0, err);
     double secs = now() - t0;
     struct result *r = (struct result *)(vm->mem + RESULTS);
     for (int i = 0; i < n; i++) {
@@ -456,8 +436,7 @@ static int finish(struct vm *vm, const char *name, struct expect *exp, int n, do
             bad++;
         }
     }
-    report(name, n, bad, first, what, secs, NULL);
-    return bad ? 1 : 0;
+    return tap_result(name, n, bad, first, what, secs, NULL);
 }
 
 #define MAXEXP 20000
@@ -465,7 +444,7 @@ static int finish(struct vm *vm, const char *name, struct expect *exp, int n, do
 #define INVEPT_GLOBAL 2
 
 #define BEGIN(name) struct vm vm; static struct expect exp[MAXEXP]; int n = 0; double t0 = now(); \
-    if (vm_create(&vm) < 0) { report(name, 0, 0, 0, "", 0, "vm_create"); return 1; }
+    if (vm_create(&vm) < 0) return tap_result(name, 0, 0, 0, "", 0, "vm_create");
 #define END(name) int rc = finish(&vm, name, exp, n, t0); vm_destroy(&vm); return rc;
 
 static int case_remap(const char *name, int type, int decoy)
@@ -558,23 +537,6 @@ static const struct tcase cases[] = {
 };
 #define NCASES (int)(sizeof(cases) / sizeof(cases[0]))
 
-static int cpu_has(const char *flag)
-{
-    FILE *f = fopen("/proc/cpuinfo", "r");
-    char line[8192], pat[64];
-    int found = 0;
-    snprintf(pat, sizeof pat, " %s", flag);
-    while (f && fgets(line, sizeof line, f)) {
-        if (strncmp(line, "flags", 5) == 0) {
-            char *p = strstr(line, pat);
-            found = p && (p[strlen(pat)] == ' ' || p[strlen(pat)] == '\n');
-            break;
-        }
-    }
-    if (f) fclose(f);
-    return found;
-}
-
 /* Read the vCPU's VMX capabilities; "" when usable, else why not. */
 static const char *probe_caps(void)
 {
@@ -619,16 +581,11 @@ int main(int argc, char **argv)
         else { fprintf(stderr, "usage: %s [-n ITERATIONS] [-x] [CASE...]\n", argv[0]); return 2; }
     }
     if (iterations < 2 || iterations > 5000) { fprintf(stderr, "bad -n\n"); return 2; }
-    int selected[NCASES], nsel = 0;
-    for (int c = 0; c < NCASES; c++) {
-        selected[c] = optind >= argc;
-        for (int a = optind; a < argc; a++)
-            if (!strcmp(argv[a], cases[c].name) || !strcmp(argv[a], cases[c].name + 4))
-                selected[c] = 1;
-        nsel += selected[c];
-    }
+    const char *names[NCASES];
+    int selected[NCASES];
+    for (int c = 0; c < NCASES; c++) names[c] = cases[c].name;
+    int nsel = select_cases(argc, argv, optind, names, NCASES, selected);
     if (!nsel) { fprintf(stderr, "no such case\n"); return 2; }
-    printf("1..%d\n", nsel);
     const char *skip = NULL;
     if (!cpu_has("vmx"))
         skip = "this CPU has no VMX (an AMD/SVM host runs svm-npt-test)";
@@ -643,11 +600,11 @@ int main(int argc, char **argv)
         if (!selected[c]) continue;
         int single = (caps.ept_vpid >> 25) & 1, global = (caps.ept_vpid >> 26) & 1;
         if (skip)
-            printf("ok %d - %s # SKIP %s\n", ++tapno, cases[c].name, skip);
+            tap_skip(cases[c].name, skip);
         else if ((cases[c].needs == NEEDS_SINGLE && !single) ||
                  (cases[c].needs == NEEDS_GLOBAL && !global))
-            printf("ok %d - %s # SKIP L0 offers no INVEPT %s-context\n", ++tapno, cases[c].name,
-                   cases[c].needs == NEEDS_GLOBAL ? "all" : "single");
+            tap_skip(cases[c].name, cases[c].needs == NEEDS_GLOBAL
+                     ? "L0 offers no INVEPT all-context" : "L0 offers no INVEPT single-context");
         else
             failed += cases[c].fn(cases[c].name);
     }
