@@ -177,7 +177,13 @@ class Builder:
         out = self.cache / "images" / f"{recipe.name}-{key}"
         with locked(self.cache / "images" / f".{recipe.name}-{key}.lock"):
             if (out / "manifest.json").exists():
-                return BuiltImage.load(out)
+                img = BuiltImage.load(out)
+                if with_debug and not img.manifest.get("debug"):
+                    # Built earlier with --no-debug: the image is the same, the symbols
+                    # beside it are fetched now.
+                    img.manifest["debug"] = _debug_manifest(self._debug(recipe))
+                    (out / "manifest.json").write_text(json.dumps(img.manifest, indent=1))
+                return img
             self.log(f"building image {recipe.name} ({kernel.label}"
                      f"{', carrying ' + str(child.manifest['recipe']) if child else ''})")
             tmp = out.with_name(out.name + ".tmp")
@@ -189,13 +195,7 @@ class Builder:
             with open(tmp / "initrd.cpio", "wb") as f:
                 self._tree(plan).write(f)
             (tmp / "host_key").unlink()  # the private half lives only inside the image
-            debug = None
-            if with_debug:
-                from lab.symbols import indexed_vmlinux
-
-                debug = recipe.kernel.fetch_debug(self.cache)
-                if debug.vmlinux.exists():
-                    indexed_vmlinux(debug.vmlinux, self.cache)  # once; `lab gdb` starts fast
+            debug = self._debug(recipe) if with_debug else None
             manifest = {
                 "key": key, "recipe": recipe.name, "recipe_path": str(recipe.path),
                 "kernel": {"release": kernel.release, "source": kernel.label,
@@ -214,6 +214,14 @@ class Builder:
             self.log(f"built image {out.name}: initrd {size >> 20} MiB "
                      f"in {manifest['build_seconds']} s")
             return BuiltImage.load(out)
+
+    def _debug(self, recipe: Recipe) -> DebugFiles:
+        from lab.symbols import indexed_vmlinux
+
+        debug = recipe.kernel.fetch_debug(self.cache)
+        if debug.vmlinux.exists():
+            indexed_vmlinux(debug.vmlinux, self.cache)  # once; `lab gdb` starts fast
+        return debug
 
     def _plan(self, recipe: Recipe, module_root: Path, release: str,
               child: BuiltImage | None) -> Plan:

@@ -294,3 +294,18 @@ def test_tracefs_probe_backend(tmp_path: Path) -> None:
     # the other root is kept among the previous ones, valid
     assert any(p["valid"] and p["pgd"] in pgds for h in exits["hits"]
                for p in h["captures"]["entry"]["roots"]["previous"])
+
+
+def test_image_built_without_debug_symbols_gets_them_when_asked(tmp_path: Path) -> None:
+    # As if `lab images build --no-debug` had made it: the next build that wants the symbols
+    # (every `lab run`) must fetch them rather than hand the probes an image without them.
+    out = lab("images", "build", "default", check=True).stdout.split()[1]
+    manifest = Path(out) / "manifest.json"
+    m = json.loads(manifest.read_text())
+    assert m["debug"], m
+    m["debug"] = None
+    manifest.write_text(json.dumps(m))
+    r = lab("images", "build", "default", check=True)
+    assert r.stdout.split()[1] == out
+    m = json.loads(manifest.read_text())
+    assert m["debug"] and Path(m["debug"]["vmlinux"]).exists()
