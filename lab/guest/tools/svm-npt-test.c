@@ -26,29 +26,16 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "baremetal.h"
 #include "labtest.h"
 
-/* L1 physical memory (identity-mapped with 2M pages for L1 itself) */
-#define MEM_SIZE   0x400000ul
-#define L1_CODE    0x1000
-#define L1_PML4    0x2000
-#define L1_PDPT    0x3000
-#define L1_PD      0x4000
+/* L1 physical memory beyond what baremetal.h lays out */
 #define VMCB       0x5000
 #define HSAVE      0x6000
-#define L2_READ    0x7000
-#define L2_WRITE   0x7100
 #define NPT_A      0x8000          /* PML4, PDPT, PD, PT at +0, +0x1000, +0x2000, +0x3000 */
 #define NPT_B      0xC000
-#define L1_STACK   0x1F000
-#define X_GPA      0x10000         /* the L2 address under test: leaf index 16 */
-#define PAGES      0x20000         /* data pages P0..P3, decoy at P4 */
-#define OPS        0x40000
-#define OPS_END    0x100000
 #define IOPM       0x100000
 #define MSRPM      0x104000
-#define RESULTS    0x200000
-#define RESULTS_END MEM_SIZE
 
 #define NPT_LEAF(root) ((root) + 0x3000 + 16 * 8)
 #define PTE_P  1ull
@@ -70,13 +57,10 @@
 #define EXIT_HLT 0x78
 #define EXIT_NPF 0x400
 
-enum { OP_END = 0, OP_STORE = 1, OP_VMRUN = 2 };
-struct op { uint64_t kind, a, b, c; };          /* STORE: [a] = b; VMRUN: rip a, tlb_ctl b, asid c */
-struct result { uint64_t exit_code, rax, rbx, info2; };
+enum { OP_VMRUN = 2 };                           /* VMRUN: rip a, tlb_ctl b, asid c */
 
 /* L1: interprets the script at OPS; results of each VMRUN go to RESULTS. GPRs other than
  * rax/rsp survive VMRUN/#VMEXIT, so L2's rbx is still in rbx afterwards. */
-extern const uint8_t l1_start[], l1_end[], l2r_start[], l2r_end[], l2w_start[], l2w_end[];
 __asm__(".pushsection .rodata\n"
         ".code64\n"
         "l1_start:\n"
@@ -134,35 +118,8 @@ __asm__(".pushsection .rodata\n"
         ".code64\n"
         ".popsection\n");
 
-static const uint32_t pattern[5] = { 0xAAAAAAAA, 0xBBBBBBBB, 0xCCCCCCCC, 0xDDDDDDDD, 0xEEEEEEEE };
-#define DECOY 4
-
-static void put64(uint8_t *p, uint64_t v) { memcpy(p, &v, 8); }
-static void put32(uint8_t *p, uint32_t v) { memcpy(p, &v, 4); }
-static void put16(uint8_t *p, uint16_t v) { memcpy(p, &v, 2); }
-
-struct vm {
-    int fd, vcpu;
-    uint8_t *mem;
-    struct kvm_run *run;
-    size_t run_size;
-    int nops;
-    struct op *ops;
-};
-
-static uint64_t page(int i) { return PAGES + (uint64_t)i * 0x1000; }
 static uint64_t leaf(int i, uint64_t flags) { return page(i) | PTE_P | PTE_US | flags; }
 
-static void op(struct vm *vm, uint64_t kind, uint64_t a, uint64_t b, uint64_t c)
-{
-    if ((uint64_t)(vm->nops + 2) * sizeof(struct op) > OPS_END - OPS) {
-        fprintf(stderr, "svm-npt-test: script too long\n");
-        exit(2);
-    }
-    vm->ops[vm->nops++] = (struct op){ kind, a, b, c };
-    vm->ops[vm->nops] = (struct op){ OP_END, 0, 0, 0 };
-}
-static void store(struct vm *vm, uint64_t addr, uint64_t val) { op(vm, OP_STORE, addr, val, 0); }
 static void vmrun(struct vm *vm, uint64_t rip, int tlb_ctl, int asid)
 {
     op(vm, OP_VMRUN, rip, tlb_ctl, asid);
@@ -187,26 +144,10 @@ static void seg(uint8_t *vmcb, int idx, uint16_t sel, uint16_t attr, uint32_t li
 
 static int vm_create(int kvm, struct vm *vm)
 {
-    memset(vm, 0, sizeof(*vm));
-    vm->fd = ioctl(kvm, KVM_CREATE_VM, 0);
-    if (vm->fd < 0) { perror("KVM_CREATE_VM"); return -1; }
-    vm->mem = mmap(NULL, MEM_SIZE, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
-    if (vm->mem == MAP_FAILED) { perror("mmap"); return -1; }
+    if (l1_memory(kvm, vm) < 0) return -1;
     uint8_t *m = vm->mem;
-    memcpy(m + L1_CODE, l1_start, l1_end - l1_start);
-    memcpy(m + L2_READ, l2r_start, l2r_end - l2r_start);
-    memcpy(m + L2_WRITE, l2w_start, l2w_end - l2w_start);
-    for (int p = 0; p < 5; p++)
-        for (int k = 0; k < 0x1000; k += 4)
-            put32(m + page(p) + k, pattern[p]);
-    put64(m + L1_PML4, L1_PDPT | 3);
-    put64(m + L1_PDPT, L1_PD | 3);
-    put64(m + L1_PD, 0x000000 | 0x83);
-    put64(m + L1_PD + 8, 0x200000 | 0x83);
     npt_build(m, NPT_A, 0);
     npt_build(m, NPT_B, 1);
-    vm->ops = (struct op *)(m + OPS);
-    vm->ops[0] = (struct op){ OP_END, 0, 0, 0 };
 
     uint8_t *v = m + VMCB;
     put32(v + 0x0c, 1u << 24);            /* intercept HLT */
@@ -236,70 +177,9 @@ static int vm_create(int kvm, struct vm *vm)
     put64(v + VMCB_SAVE + 0x1d8, 0x7ff0); /* rsp */
     put64(v + VMCB_SAVE + 0x268, 0x0007040600070406ull); /* g_pat */
 
-    struct kvm_userspace_memory_region reg = {
-        .slot = 0, .guest_phys_addr = 0, .memory_size = MEM_SIZE,
-        .userspace_addr = (uint64_t)(uintptr_t)m,
-    };
-    if (ioctl(vm->fd, KVM_SET_USER_MEMORY_REGION, &reg) < 0) { perror("SET_USER_MEMORY_REGION"); return -1; }
-    vm->vcpu = ioctl(vm->fd, KVM_CREATE_VCPU, 0);
-    if (vm->vcpu < 0) { perror("KVM_CREATE_VCPU"); return -1; }
-    struct kvm_cpuid2 *cpuid = calloc(1, sizeof(*cpuid) + 128 * sizeof(struct kvm_cpuid_entry2));
-    cpuid->nent = 128;
-    if (ioctl(kvm, KVM_GET_SUPPORTED_CPUID, cpuid) < 0) { perror("GET_SUPPORTED_CPUID"); return -1; }
-    if (ioctl(vm->vcpu, KVM_SET_CPUID2, cpuid) < 0) { perror("SET_CPUID2"); return -1; }
-    free(cpuid);
-    struct { struct kvm_msrs h; struct kvm_msr_entry e[1]; } msrs = {
-        .h.nmsrs = 1, .e[0] = { .index = 0xc0010117, .data = HSAVE } };   /* VM_HSAVE_PA */
-    if (ioctl(vm->vcpu, KVM_SET_MSRS, &msrs) != 1) { perror("SET_MSRS"); return -1; }
-    vm->run_size = ioctl(kvm, KVM_GET_VCPU_MMAP_SIZE, 0);
-    vm->run = mmap(NULL, vm->run_size, PROT_READ | PROT_WRITE, MAP_SHARED, vm->vcpu, 0);
-
-    struct kvm_sregs s;
-    if (ioctl(vm->vcpu, KVM_GET_SREGS, &s) < 0) { perror("GET_SREGS"); return -1; }
-    struct kvm_segment cs = { .base = 0, .limit = 0xffffffff, .selector = 8, .type = 11,
-                              .present = 1, .s = 1, .l = 1, .g = 1 };
-    struct kvm_segment ds = { .base = 0, .limit = 0xffffffff, .selector = 0x10, .type = 3,
-                              .present = 1, .db = 1, .s = 1, .g = 1 };
-    s.cs = cs; s.ds = s.es = s.fs = s.gs = s.ss = ds;
-    s.tr.type = 11; s.tr.present = 1; s.tr.limit = 0x67; s.tr.selector = 0x18; s.tr.s = 0;
-    s.cr0 = 0x80050033; s.cr3 = L1_PML4; s.cr4 = 0x20; s.efer = 0x1500;  /* LME LMA SVME */
-    if (ioctl(vm->vcpu, KVM_SET_SREGS, &s) < 0) { perror("SET_SREGS"); return -1; }
-    struct kvm_regs regs = { .rip = L1_CODE, .rflags = 0x2, .rsp = L1_STACK };
-    if (ioctl(vm->vcpu, KVM_SET_REGS, &regs) < 0) { perror("SET_REGS"); return -1; }
-    return 0;
+    /* VM_HSAVE_PA; L1 in long mode with PAE and EFER.SVME */
+    return l1_vcpu(kvm, vm, 0xc0010117, HSAVE, 0x20, 0x1500);
 }
-
-static void vm_destroy(struct vm *vm)
-{
-    munmap(vm->run, vm->run_size);
-    close(vm->vcpu);
-    close(vm->fd);
-    munmap(vm->mem, MEM_SIZE);
-}
-
-/* Run L1 until it halts at the end of its script. */
-static int vm_go(struct vm *vm, char *err, size_t errlen)
-{
-    for (int k = 0; k < 1000; k++) {
-        if (ioctl(vm->vcpu, KVM_RUN, 0) < 0) {
-            snprintf(err, errlen, "KVM_RUN: %s", strerror(errno));
-            return -1;
-        }
-        if (vm->run->exit_reason == KVM_EXIT_HLT)
-            return 0;
-        if (vm->run->exit_reason == KVM_EXIT_INTR)
-            continue;
-        struct kvm_regs r;
-        ioctl(vm->vcpu, KVM_GET_REGS, &r);
-        snprintf(err, errlen, "L1 exit reason %u at rip %#llx", vm->run->exit_reason,
-                 (unsigned long long)r.rip);
-        return -1;
-    }
-    snprintf(err, errlen, "L1 did not halt");
-    return -1;
-}
-
-static struct result *results(struct vm *vm) { return (struct result *)(vm->mem + RESULTS); }
 
 /* What one VMRUN should give; filled by each case, checked by check(). */
 struct expect { uint64_t exit_code; uint32_t value; uint64_t info2; };
@@ -312,31 +192,31 @@ static int finish(struct vm *vm, const char *name, struct expect *exp, int nexp,
     char err[200] = "", what[200] = "";
     int bad = 0;
     long first = -1;
-    if (vm_go(vm, err, sizeof err) < 0) {
+    if (l1_go(vm, err, sizeof err) < 0) {
         return tap_result(name, nexp, 0, 0, "", 0, err);
     }
     double secs = now() - t0;
     struct result *r = results(vm);
     for (int i = 0; i < nexp; i++) {
         uint32_t eax = (uint32_t)r[i].rax, ebx = (uint32_t)r[i].rbx;
-        int ok = r[i].exit_code == exp[i].exit_code;
+        int ok = r[i].exit == exp[i].exit_code;
         if (ok && exp[i].exit_code == EXIT_HLT)
             ok = eax == exp[i].value && ebx == exp[i].value;
         if (ok && exp[i].exit_code == EXIT_NPF)
-            ok = r[i].info2 == exp[i].info2;
+            ok = r[i].addr == exp[i].info2;
         if (!ok) {
             if (!bad) {
                 first = i;
-                if (r[i].exit_code == EXIT_HLT && exp[i].exit_code == EXIT_NPF)
+                if (r[i].exit == EXIT_HLT && exp[i].exit_code == EXIT_NPF)
                     snprintf(what, sizeof what, "L2 got through a leaf L1 had made %s, read %#x",
                              exp[i].info2 == X_GPA + 8 ? "read-only" : "not-present", eax);
-                else if (r[i].exit_code == EXIT_HLT)
+                else if (r[i].exit == EXIT_HLT)
                     snprintf(what, sizeof what, "L2 read %#x:%#x, expected %#x", ebx, eax,
                              exp[i].value);
                 else
                     snprintf(what, sizeof what, "exit %#llx (info2 %#llx), expected exit %#llx",
-                             (unsigned long long)r[i].exit_code,
-                             (unsigned long long)r[i].info2,
+                             (unsigned long long)r[i].exit,
+                             (unsigned long long)r[i].addr,
                              (unsigned long long)exp[i].exit_code);
             }
             bad++;

@@ -29,28 +29,17 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "baremetal.h"
 #include "labtest.h"
 
-#define MEM_SIZE   0x400000ul
-#define L1_CODE    0x1000
-#define L1_PML4    0x2000
-#define L1_PDPT    0x3000
-#define L1_PD      0x4000
+/* L1 physical memory beyond what baremetal.h lays out */
 #define VMXON_PAGE 0x5000
 #define VMCS_PAGE  0x6000
-#define L2_READ    0x7000
-#define L2_WRITE   0x7100
 #define EPT_A      0x8000          /* PML4, PDPT, PD, PT at +0, +0x1000, +0x2000, +0x3000 */
 #define EPT_B      0xC000
-#define L1_STACK   0x1F000
-#define X_GPA      0x10000
-#define PAGES      0x20000
 #define PTRS       0x30000         /* [0] vmxon PA, [8] vmcs PA, [16..] saved rsi/rdi, launched */
 #define INVEPT_DESC 0x30100        /* 16 bytes: EPTP, reserved */
 #define TABLE      0x31000         /* VMCS (field, value) pairs, ended by field ~0 */
-#define OPS        0x40000
-#define OPS_END    0x100000
-#define RESULTS    0x200000
 
 #define EPT_LEAF(root) ((root) + 0x3000 + 16 * 8)
 #define EPT_RWX    7ull
@@ -60,15 +49,12 @@
 #define EXIT_HLT 12
 #define EXIT_EPT_VIOLATION 48
 
-enum { OP_END = 0, OP_STORE = 1, OP_ENTER = 2, OP_INVEPT = 3, OP_VMWRITE = 4 };
-struct op { uint64_t kind, a, b, c; };
-struct result { uint64_t exit_reason, rax, rbx, gpa; };
+enum { OP_ENTER = 2, OP_INVEPT = 3, OP_VMWRITE = 4 };
 
 /* L1: VMXON, VMCLEAR/VMPTRLD, vmwrite the table, then interpret the script.
  * Failures of VMX instructions are recorded as exit_reason 0xfff000NN with the VM-instruction
  * error (or the step) in the low bits. */
-extern const uint8_t l1_start[], l1_end[], l1_exited[], l2r_start[], l2r_end[], l2w_start[],
-    l2w_end[];
+extern const uint8_t l1_exited[];
 __asm__(".pushsection .rodata\n"
         ".code64\n"
         "l1_start:\n"
@@ -173,31 +159,15 @@ __asm__(".pushsection .rodata\n"
         ".code64\n"
         ".popsection\n");
 
-static const uint32_t pattern[5] = { 0xAAAAAAAA, 0xBBBBBBBB, 0xCCCCCCCC, 0xDDDDDDDD, 0xEEEEEEEE };
-#define DECOY 4
-
-static void put64(uint8_t *p, uint64_t v) { memcpy(p, &v, 8); }
-static void put32(uint8_t *p, uint32_t v) { memcpy(p, &v, 4); }
-static uint64_t get64(const uint8_t *p) { uint64_t v; memcpy(&v, p, 8); return v; }
-
 /* VMX capability MSRs of the vCPU, as L0's KVM reports them to L1 */
 struct caps {
     uint64_t basic, pin, proc, exit, entry, proc2, ept_vpid, cr0_0, cr0_1, cr4_0, cr4_1;
-};
-
-struct vm {
-    int fd, vcpu, ntable, nops;
-    uint8_t *mem;
-    struct kvm_run *run;
-    size_t run_size;
-    struct op *ops;
 };
 
 static int kvm;
 static struct caps caps;
 static long iterations = 50;
 
-static uint64_t page(int i) { return PAGES + (uint64_t)i * 0x1000; }
 static uint64_t leaf(int i, uint64_t perms) { return page(i) | EPT_WB | perms; }
 
 static uint32_t adjust(uint32_t want, uint64_t msr)
@@ -213,23 +183,13 @@ static void table(struct vm *vm, uint64_t field, uint64_t value)
     put64(vm->mem + TABLE + vm->ntable * 16, ~0ull);
 }
 
-static void op(struct vm *vm, uint64_t kind, uint64_t a, uint64_t b)
-{
-    if ((uint64_t)(vm->nops + 2) * sizeof(struct op) > OPS_END - OPS) {
-        fprintf(stderr, "vmx-ept-test: script too long\n");
-        exit(2);
-    }
-    vm->ops[vm->nops++] = (struct op){ kind, a, b, 0 };
-    vm->ops[vm->nops] = (struct op){ OP_END, 0, 0, 0 };
-}
-static void store(struct vm *vm, uint64_t addr, uint64_t val) { op(vm, OP_STORE, addr, val); }
 static int omit_invept;
 static void invept(struct vm *vm, int type, uint64_t eptp)
 {
-    if (!omit_invept) op(vm, OP_INVEPT, type, eptp);
+    if (!omit_invept) op(vm, OP_INVEPT, type, eptp, 0);
 }
-static void enter(struct vm *vm, uint64_t rip) { op(vm, OP_ENTER, rip, 0); }
-static void set_eptp(struct vm *vm, uint64_t root) { op(vm, OP_VMWRITE, 0x201a, EPTP(root)); }
+static void enter(struct vm *vm, uint64_t rip) { op(vm, OP_ENTER, rip, 0, 0); }
+static void set_eptp(struct vm *vm, uint64_t root) { op(vm, OP_VMWRITE, 0x201a, EPTP(root), 0); }
 
 static void ept_build(uint8_t *mem, uint64_t root, int data_page)
 {
@@ -307,100 +267,31 @@ static void vmcs_table(struct vm *vm)
 
 static int vm_create(struct vm *vm)
 {
-    memset(vm, 0, sizeof(*vm));
-    vm->fd = ioctl(kvm, KVM_CREATE_VM, 0);
-    if (vm->fd < 0) { perror("KVM_CREATE_VM"); return -1; }
-    vm->mem = mmap(NULL, MEM_SIZE, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
-    if (vm->mem == MAP_FAILED) { perror("mmap"); return -1; }
+    if (l1_memory(kvm, vm) < 0) return -1;
     uint8_t *m = vm->mem;
-    memcpy(m + L1_CODE, l1_start, l1_end - l1_start);
-    memcpy(m + L2_READ, l2r_start, l2r_end - l2r_start);
-    memcpy(m + L2_WRITE, l2w_start, l2w_end - l2w_start);
-    for (int p = 0; p < 5; p++)
-        for (int k = 0; k < 0x1000; k += 4)
-            put32(m + page(p) + k, pattern[p]);
-    put64(m + L1_PML4, L1_PDPT | 3);
-    put64(m + L1_PDPT, L1_PD | 3);
-    put64(m + L1_PD, 0x000000 | 0x83);
-    put64(m + L1_PD + 8, 0x200000 | 0x83);
     ept_build(m, EPT_A, 0);
     ept_build(m, EPT_B, 1);
     put32(m + VMXON_PAGE, (uint32_t)caps.basic & 0x7fffffff);
     put32(m + VMCS_PAGE, (uint32_t)caps.basic & 0x7fffffff);
     put64(m + PTRS, VMXON_PAGE);
     put64(m + PTRS + 8, VMCS_PAGE);
-    vm->ops = (struct op *)(m + OPS);
-    vm->ops[0] = (struct op){ OP_END, 0, 0, 0 };
     vmcs_table(vm);
-
-    struct kvm_userspace_memory_region reg = {
-        .slot = 0, .guest_phys_addr = 0, .memory_size = MEM_SIZE,
-        .userspace_addr = (uint64_t)(uintptr_t)m,
-    };
-    if (ioctl(vm->fd, KVM_SET_USER_MEMORY_REGION, &reg) < 0) { perror("SET_USER_MEMORY_REGION"); return -1; }
-    vm->vcpu = ioctl(vm->fd, KVM_CREATE_VCPU, 0);
-    if (vm->vcpu < 0) { perror("KVM_CREATE_VCPU"); return -1; }
-    struct kvm_cpuid2 *cpuid = calloc(1, sizeof(*cpuid) + 128 * sizeof(struct kvm_cpuid_entry2));
-    cpuid->nent = 128;
-    if (ioctl(kvm, KVM_GET_SUPPORTED_CPUID, cpuid) < 0) { perror("GET_SUPPORTED_CPUID"); return -1; }
-    if (ioctl(vm->vcpu, KVM_SET_CPUID2, cpuid) < 0) { perror("SET_CPUID2"); return -1; }
-    free(cpuid);
-    struct { struct kvm_msrs h; struct kvm_msr_entry e[1]; } msrs = {
-        .h.nmsrs = 1, .e[0] = { .index = 0x3a, .data = 0x5 } };  /* FEATURE_CONTROL: lock, VMXON */
-    if (ioctl(vm->vcpu, KVM_SET_MSRS, &msrs) != 1) { perror("SET_MSRS IA32_FEATURE_CONTROL"); return -1; }
-    vm->run_size = ioctl(kvm, KVM_GET_VCPU_MMAP_SIZE, 0);
-    vm->run = mmap(NULL, vm->run_size, PROT_READ | PROT_WRITE, MAP_SHARED, vm->vcpu, 0);
-
-    struct kvm_sregs s;
-    if (ioctl(vm->vcpu, KVM_GET_SREGS, &s) < 0) { perror("GET_SREGS"); return -1; }
-    struct kvm_segment cs = { .base = 0, .limit = 0xffffffff, .selector = 8, .type = 11,
-                              .present = 1, .s = 1, .l = 1, .g = 1 };
-    struct kvm_segment ds = { .base = 0, .limit = 0xffffffff, .selector = 0x10, .type = 3,
-                              .present = 1, .db = 1, .s = 1, .g = 1 };
-    s.cs = cs; s.ds = s.es = s.fs = s.gs = s.ss = ds;
-    s.tr.type = 11; s.tr.present = 1; s.tr.limit = 0x67; s.tr.selector = 0x18; s.tr.s = 0;
-    s.cr0 = 0x80050033; s.cr3 = L1_PML4; s.cr4 = 0x2020; s.efer = 0x500;  /* PAE, VMXE; LME LMA */
-    if (ioctl(vm->vcpu, KVM_SET_SREGS, &s) < 0) { perror("SET_SREGS"); return -1; }
-    struct kvm_regs regs = { .rip = L1_CODE, .rflags = 0x2, .rsp = L1_STACK };
-    if (ioctl(vm->vcpu, KVM_SET_REGS, &regs) < 0) { perror("SET_REGS"); return -1; }
-    return 0;
+    /* IA32_FEATURE_CONTROL: locked, VMXON allowed; L1 in long mode with PAE and CR4.VMXE */
+    return l1_vcpu(kvm, vm, 0x3a, 0x5, 0x2020, 0x500);
 }
 
-static void vm_destroy(struct vm *vm)
-{
-    munmap(vm->run, vm->run_size);
-    close(vm->vcpu);
-    close(vm->fd);
-    munmap(vm->mem, MEM_SIZE);
-}
-
+/* Run L1 to its end; a failed VMX instruction in L1 is an error of the run. */
 static int vm_go(struct vm *vm, char *err, size_t errlen)
 {
-    for (int k = 0; k < 1000; k++) {
-        if (ioctl(vm->vcpu, KVM_RUN, 0) < 0) {
-            if (errno == EINTR) continue;
-            snprintf(err, errlen, "KVM_RUN: %s", strerror(errno));
-            return -1;
-        }
-        if (vm->run->exit_reason == KVM_EXIT_HLT) {
-            uint64_t fatal = get64(vm->mem + PTRS + 0x30);
-            if (fatal) {
-                snprintf(err, errlen, "L1's VMX instruction failed: code %#llx (field %#llx)",
-                         (unsigned long long)fatal,
-                         (unsigned long long)get64(vm->mem + PTRS + 0x28));
-                return -1;
-            }
-            return 0;
-        }
-        if (vm->run->exit_reason == KVM_EXIT_INTR) continue;
-        struct kvm_regs r;
-        ioctl(vm->vcpu, KVM_GET_REGS, &r);
-        snprintf(err, errlen, "L1 exit reason %u at rip %#llx", vm->run->exit_reason,
-                 (unsigned long long)r.rip);
+    if (l1_go(vm, err, errlen) < 0)
+        return -1;
+    uint64_t fatal = get64(vm->mem + PTRS + 0x30);
+    if (fatal) {
+        snprintf(err, errlen, "L1's VMX instruction failed: code %#llx (field %#llx)",
+                 (unsigned long long)fatal, (unsigned long long)get64(vm->mem + PTRS + 0x28));
         return -1;
     }
-    snprintf(err, errlen, "L1 did not halt");
-    return -1;
+    return 0;
 }
 
 struct expect { uint64_t reason; uint32_t value; uint64_t gpa; };
@@ -412,13 +303,13 @@ static int finish(struct vm *vm, const char *name, struct expect *exp, int n, do
     long first = -1;
     if (vm_go(vm, err, sizeof err) < 0) return tap_result(name, n, 0, 0, "", 0, err);
     double secs = now() - t0;
-    struct result *r = (struct result *)(vm->mem + RESULTS);
+    struct result *r = results(vm);
     for (int i = 0; i < n; i++) {
         uint32_t eax = (uint32_t)r[i].rax, ebx = (uint32_t)r[i].rbx;
-        uint64_t reason = r[i].exit_reason & 0xffff;
-        int ok = reason == exp[i].reason && !(r[i].exit_reason & (1ull << 31));
+        uint64_t reason = r[i].exit & 0xffff;
+        int ok = reason == exp[i].reason && !(r[i].exit & (1ull << 31));
         if (ok && exp[i].reason == EXIT_HLT) ok = eax == exp[i].value && ebx == exp[i].value;
-        if (ok && exp[i].reason == EXIT_EPT_VIOLATION) ok = r[i].gpa == exp[i].gpa;
+        if (ok && exp[i].reason == EXIT_EPT_VIOLATION) ok = r[i].addr == exp[i].gpa;
         if (!ok) {
             if (!bad) {
                 first = i;
@@ -430,8 +321,8 @@ static int finish(struct vm *vm, const char *name, struct expect *exp, int n, do
                              exp[i].value);
                 else
                     snprintf(what, sizeof what, "exit reason %#llx (gpa %#llx), expected %llu",
-                             (unsigned long long)r[i].exit_reason,
-                             (unsigned long long)r[i].gpa, (unsigned long long)exp[i].reason);
+                             (unsigned long long)r[i].exit,
+                             (unsigned long long)r[i].addr, (unsigned long long)exp[i].reason);
             }
             bad++;
         }

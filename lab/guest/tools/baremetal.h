@@ -1,0 +1,171 @@
+/* baremetal.h: the part of svm-npt-test and vmx-ept-test that is the same for both vendors: a
+ * KVM VM (run from userspace) whose guest is a tiny 64-bit bare-metal L1 hypervisor, identity-
+ * mapped with 2M pages, that follows a script of operations written into its memory and records
+ * what its own guest L2 saw. The vendor part (VMCB or VMCS, NPT or EPT, the L1 code itself)
+ * stays in each program, which defines l1_start/l1_end and the L2 routines before including. */
+#ifndef BAREMETAL_H
+#define BAREMETAL_H
+
+#include <errno.h>
+#include <linux/kvm.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/ioctl.h>
+#include <sys/mman.h>
+#include <unistd.h>
+
+/* L1 physical memory, as both L1s use it */
+#define MEM_SIZE   0x400000ul
+#define L1_CODE    0x1000
+#define L1_PML4    0x2000
+#define L1_PDPT    0x3000
+#define L1_PD      0x4000
+#define L2_READ    0x7000          /* L2: read X */
+#define L2_WRITE   0x7100          /* L2: read X, write X+8 */
+#define L1_STACK   0x1F000
+#define X_GPA      0x10000         /* the L2 address under test: leaf index 16 */
+#define PAGES      0x20000         /* data pages P0..P3, decoy at P4 */
+#define OPS        0x40000         /* the script */
+#define OPS_END    0x100000
+#define RESULTS    0x200000        /* what L1 recorded, one struct result per L2 run */
+
+enum { OP_END = 0, OP_STORE = 1 };  /* the vendor adds its own kinds from 2 on */
+struct op { uint64_t kind, a, b, c; };
+struct result { uint64_t exit, rax, rbx, addr; };   /* exit code/reason, L2's eax/ebx, GPA */
+
+extern const uint8_t l1_start[], l1_end[], l2r_start[], l2r_end[], l2w_start[], l2w_end[];
+
+static const uint32_t pattern[5] = { 0xAAAAAAAA, 0xBBBBBBBB, 0xCCCCCCCC, 0xDDDDDDDD, 0xEEEEEEEE };
+#define DECOY 4
+
+static inline void put64(uint8_t *p, uint64_t v) { memcpy(p, &v, 8); }
+static inline void put32(uint8_t *p, uint32_t v) { memcpy(p, &v, 4); }
+static inline void put16(uint8_t *p, uint16_t v) { memcpy(p, &v, 2); }
+static inline uint64_t get64(const uint8_t *p) { uint64_t v; memcpy(&v, p, 8); return v; }
+static inline uint64_t page(int i) { return PAGES + (uint64_t)i * 0x1000; }
+
+struct vm {
+    int fd, vcpu, nops;
+    int ntable;                     /* vmx-ept-test: entries in its VMCS table */
+    uint8_t *mem;
+    struct kvm_run *run;
+    size_t run_size;
+    struct op *ops;
+};
+
+/* Append one operation to L1's script. */
+static inline void op(struct vm *vm, uint64_t kind, uint64_t a, uint64_t b, uint64_t c)
+{
+    if ((uint64_t)(vm->nops + 2) * sizeof(struct op) > OPS_END - OPS) {
+        fprintf(stderr, "script too long\n");
+        exit(2);
+    }
+    vm->ops[vm->nops++] = (struct op){ kind, a, b, c };
+    vm->ops[vm->nops] = (struct op){ OP_END, 0, 0, 0 };
+}
+static inline void store(struct vm *vm, uint64_t addr, uint64_t val)
+{
+    op(vm, OP_STORE, addr, val, 0);
+}
+
+/* The VM and L1's memory: code, L2's routines, the data pages, L1's own page tables. */
+static inline int l1_memory(int kvm, struct vm *vm)
+{
+    memset(vm, 0, sizeof(*vm));
+    vm->fd = ioctl(kvm, KVM_CREATE_VM, 0);
+    if (vm->fd < 0) { perror("KVM_CREATE_VM"); return -1; }
+    vm->mem = mmap(NULL, MEM_SIZE, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
+    if (vm->mem == MAP_FAILED) { perror("mmap"); return -1; }
+    uint8_t *m = vm->mem;
+    memcpy(m + L1_CODE, l1_start, l1_end - l1_start);
+    memcpy(m + L2_READ, l2r_start, l2r_end - l2r_start);
+    memcpy(m + L2_WRITE, l2w_start, l2w_end - l2w_start);
+    for (int p = 0; p < 5; p++)
+        for (int k = 0; k < 0x1000; k += 4)
+            put32(m + page(p) + k, pattern[p]);
+    put64(m + L1_PML4, L1_PDPT | 3);
+    put64(m + L1_PDPT, L1_PD | 3);
+    put64(m + L1_PD, 0x000000 | 0x83);
+    put64(m + L1_PD + 8, 0x200000 | 0x83);
+    vm->ops = (struct op *)(m + OPS);
+    vm->ops[0] = (struct op){ OP_END, 0, 0, 0 };
+    return 0;
+}
+
+/* The memslot and the vCPU: CPUID as KVM supports it, one MSR the vendor needs set, and L1
+ * in 64-bit mode at L1_CODE with the given CR4 and EFER. */
+static inline int l1_vcpu(int kvm, struct vm *vm, uint32_t msr, uint64_t msr_value,
+                          uint64_t cr4, uint64_t efer)
+{
+    struct kvm_userspace_memory_region reg = {
+        .slot = 0, .guest_phys_addr = 0, .memory_size = MEM_SIZE,
+        .userspace_addr = (uint64_t)(uintptr_t)vm->mem,
+    };
+    if (ioctl(vm->fd, KVM_SET_USER_MEMORY_REGION, &reg) < 0) { perror("SET_USER_MEMORY_REGION"); return -1; }
+    vm->vcpu = ioctl(vm->fd, KVM_CREATE_VCPU, 0);
+    if (vm->vcpu < 0) { perror("KVM_CREATE_VCPU"); return -1; }
+    struct kvm_cpuid2 *cpuid = calloc(1, sizeof(*cpuid) + 128 * sizeof(struct kvm_cpuid_entry2));
+    cpuid->nent = 128;
+    if (ioctl(kvm, KVM_GET_SUPPORTED_CPUID, cpuid) < 0) { perror("GET_SUPPORTED_CPUID"); return -1; }
+    if (ioctl(vm->vcpu, KVM_SET_CPUID2, cpuid) < 0) { perror("SET_CPUID2"); return -1; }
+    free(cpuid);
+    struct { struct kvm_msrs h; struct kvm_msr_entry e[1]; } msrs = {
+        .h.nmsrs = 1, .e[0] = { .index = msr, .data = msr_value } };
+    if (ioctl(vm->vcpu, KVM_SET_MSRS, &msrs) != 1) { perror("SET_MSRS"); return -1; }
+    vm->run_size = ioctl(kvm, KVM_GET_VCPU_MMAP_SIZE, 0);
+    vm->run = mmap(NULL, vm->run_size, PROT_READ | PROT_WRITE, MAP_SHARED, vm->vcpu, 0);
+
+    struct kvm_sregs s;
+    if (ioctl(vm->vcpu, KVM_GET_SREGS, &s) < 0) { perror("GET_SREGS"); return -1; }
+    struct kvm_segment cs = { .base = 0, .limit = 0xffffffff, .selector = 8, .type = 11,
+                              .present = 1, .s = 1, .l = 1, .g = 1 };
+    struct kvm_segment ds = { .base = 0, .limit = 0xffffffff, .selector = 0x10, .type = 3,
+                              .present = 1, .db = 1, .s = 1, .g = 1 };
+    s.cs = cs; s.ds = s.es = s.fs = s.gs = s.ss = ds;
+    s.tr.type = 11; s.tr.present = 1; s.tr.limit = 0x67; s.tr.selector = 0x18; s.tr.s = 0;
+    s.cr0 = 0x80050033; s.cr3 = L1_PML4; s.cr4 = cr4; s.efer = efer;
+    if (ioctl(vm->vcpu, KVM_SET_SREGS, &s) < 0) { perror("SET_SREGS"); return -1; }
+    struct kvm_regs regs = { .rip = L1_CODE, .rflags = 0x2, .rsp = L1_STACK };
+    if (ioctl(vm->vcpu, KVM_SET_REGS, &regs) < 0) { perror("SET_REGS"); return -1; }
+    return 0;
+}
+
+static inline void vm_destroy(struct vm *vm)
+{
+    munmap(vm->run, vm->run_size);
+    close(vm->vcpu);
+    close(vm->fd);
+    munmap(vm->mem, MEM_SIZE);
+}
+
+/* Run L1 until it halts at the end of its script. */
+static inline int l1_go(struct vm *vm, char *err, size_t errlen)
+{
+    for (int k = 0; k < 1000; k++) {
+        if (ioctl(vm->vcpu, KVM_RUN, 0) < 0) {
+            if (errno == EINTR) continue;
+            snprintf(err, errlen, "KVM_RUN: %s", strerror(errno));
+            return -1;
+        }
+        if (vm->run->exit_reason == KVM_EXIT_HLT)
+            return 0;
+        if (vm->run->exit_reason == KVM_EXIT_INTR)
+            continue;
+        struct kvm_regs r;
+        ioctl(vm->vcpu, KVM_GET_REGS, &r);
+        snprintf(err, errlen, "L1 exit reason %u at rip %#llx", vm->run->exit_reason,
+                 (unsigned long long)r.rip);
+        return -1;
+    }
+    snprintf(err, errlen, "L1 did not halt");
+    return -1;
+}
+
+static inline struct result *results(struct vm *vm)
+{
+    return (struct result *)(vm->mem + RESULTS);
+}
+
+#endif
