@@ -78,6 +78,7 @@ class Lab:
         self.tracer: Any = None  # lab.tracefs.TraceProbes, when the playbook traces
         self.gdbstub_owner = "free"
         self.held: dict[str, Any] | None = None
+        self._symbols: tuple[int, list[Any]] | None = None  # see _l0_symbols
         self.ready = False  # everything `lab up` promises is in place (boot, probes)
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -317,10 +318,20 @@ class Lab:
         return (indexed_vmlinux(Path(dbg["vmlinux"]), self.cache), Path(dbg["module_root"]),
                 smap)
 
+    def _l0_symbols(self, module_root: Path, smap: Path | None) -> tuple[int, list[Any]]:
+        """L0's KASLR offset and loaded KVM modules, read over SSH once L0 is up (gdbinit and
+        the probes both need them; the modules do not move while the lab runs)."""
+        from lab.symbols import kaslr_offset, loaded_modules
+
+        if self._symbols is None:
+            ssh = self.levels["l0"].ssh
+            assert ssh is not None
+            self._symbols = (kaslr_offset(ssh, smap), loaded_modules(ssh, module_root))
+        return self._symbols
+
     def _write_gdbinit(self, modules: bool) -> None:
         """RUN/gdbinit: what `lab gdb` (or `gdb -x RUN/gdbinit`) runs to attach to L0."""
         from lab.gdb import add_symbol_file_command
-        from lab.symbols import kaslr_offset, loaded_modules
 
         try:
             vmlinux, module_root, smap = self.debug_files()
@@ -330,7 +341,7 @@ class Lab:
         lines = ["# Written by `lab`: attaches to L0's gdbstub with the kernel's symbols.",
                  "set pagination off", "set confirm off"]
         ssh = self.levels["l0"].ssh
-        offset = kaslr_offset(ssh, smap) if modules and ssh else 0
+        offset, loaded = self._l0_symbols(module_root, smap) if modules and ssh else (0, [])
         lines.append(f"symbol-file {vmlinux}" + (f" -o {offset:#x}" if offset else ""))
         lines.append(f"target remote 127.0.0.1:{self.gdb_port}")
         # Module symbols live in their own file: with --hold the modules load after gdb
@@ -341,7 +352,7 @@ class Lab:
                   "kvm_intel) at the addresses they are loaded at.", "end"]
         if modules and ssh is not None:
             mods = [add_symbol_file_command(m.debug_file, m.sections, m.present)
-                    for m in loaded_modules(ssh, module_root)]
+                    for m in loaded]
             mods_file.write_text("\n".join(mods) + "\n")
             lines.append("lab-modules")
         (self.run_dir / "gdbinit").write_text("\n".join(lines) + "\n")
@@ -350,7 +361,6 @@ class Lab:
         """Attach gdb to L0, load symbols and modules; inject the playbook's bug and arm its
         probes. Without probes, gdb leaves again at once (an injected patch stays)."""
         from lab.gdb import GdbSession
-        from lab.symbols import kaslr_offset, loaded_modules
 
         specs = self.pb.probe_specs(self.profile.vendor)
         if not specs and not self.pb.inject:
@@ -364,8 +374,7 @@ class Lab:
         assert l0.ssh is not None
         vmlinux, module_root, smap = self.debug_files()
         # Read what needs L0 running (SSH) before gdb stops it.
-        offset = kaslr_offset(l0.ssh, smap)
-        mods = loaded_modules(l0.ssh, module_root)
+        offset, mods = self._l0_symbols(module_root, smap)
         gdb = GdbSession(self.run_dir / "gdb.log")
         self.gdbstub_owner = "probes"
         access.write_state(self.run_dir, self.state())
