@@ -42,7 +42,15 @@ def resolve_profile(name: str) -> Profile:
         if rep.profile is None:
             raise LabError(f"no profile can run on this host: {rep.profile_reason}")
         return get_profile(rep.profile)
-    return get_profile(name)
+    profile = get_profile(name)
+    if profile.machine == "bochs":
+        rep = doctor.probe(versions=False)
+        if not rep.bochs_can_run:
+            missing = {**rep.missing, **rep.bochs_missing}
+            raise LabError(f"profile {name} cannot run on this host: missing "
+                           f"{', '.join(sorted(missing))} (apt-get install -y "
+                           f"{' '.join(sorted(set(missing.values())))})")
+    return profile
 
 
 def default_run_dir(name: str) -> Path:
@@ -290,8 +298,12 @@ def cmd_up(args: argparse.Namespace) -> int:
         print(f"  {name}: lab ssh {name}    or    ssh -F {run_dir}/ssh_config {name}"
               + (f"  (via {lv['via']})" if lv.get("via") else ""))
     print(f"  consoles: {run_dir}/<level>.console.log")
-    print(f"  gdb:      lab gdb    or    gdb -x {run_dir}/gdbinit   (L0's gdbstub, "
-          f"127.0.0.1:{st.get('gdb_port')})")
+    if st.get("gdb_port"):
+        print(f"  gdb:      lab gdb    or    gdb -x {run_dir}/gdbinit   (L0's gdbstub, "
+              f"127.0.0.1:{st.get('gdb_port')})")
+    else:
+        print(f"  gdb:      none: profile {st.get('profile')} has no gdbstub (probes trace "
+              "inside L0)")
     if status == "held":
         print("  L0's CPUs are held: `continue` in gdb boots it")
     print(f"  stop:     lab down --run {run_dir}")
@@ -309,6 +321,9 @@ def cmd_gdb(args: argparse.Namespace) -> int:
         # QEMU's gdbstub takes one debugger at a time.
         raise UsageError(f"{run_dir}: L0's gdbstub is held by the playbook's probes until they "
                          f"finish; try again when `lab` reports them detached")
+    if not st.get("gdb_port"):
+        raise UsageError(f"{run_dir}: profile {st.get('profile')} has no gdbstub to attach "
+                         "to (its probes trace inside L0: probe_backend tracefs)")
     if not (run_dir / "gdbinit").exists():
         raise UsageError(f"{run_dir}: no gdbinit (the image has no debug symbols)")
     extra = args.gdb_args[1:] if args.gdb_args[:1] == ["--"] else args.gdb_args

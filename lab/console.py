@@ -83,19 +83,31 @@ class Console:
 
     # -- attaching -------------------------------------------------------------------------
     def attach_unix(self, path: str, deadline: float) -> None:
+        self._attach(socket.AF_UNIX, path, path, deadline)
+
+    def attach_tcp(self, host: str, port: int, deadline: float,
+                   alive: Callable[[], None] | None = None) -> None:
+        """Connect to a console served on TCP (Bochs): retried until the port listens;
+        `alive` raises if whatever should open it has died meanwhile."""
+        self._attach(socket.AF_INET, (host, port), f"{host}:{port}", deadline, alive)
+
+    def _attach(self, family: int, addr: str | tuple[str, int], what: str, deadline: float,
+                alive: Callable[[], None] | None = None) -> None:
         last: OSError | None = None
         while time.monotonic() < deadline:
-            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            s = socket.socket(family, socket.SOCK_STREAM)
             try:
-                s.connect(path)
+                s.connect(addr)
             except OSError as e:
                 s.close()
                 last = e
+                if alive:
+                    alive()
                 time.sleep(0.02)
                 continue
             self._start(s)
             return
-        raise BootError(f"{self.level}: console socket {path} did not open: {last}",
+        raise BootError(f"{self.level}: console socket {what} did not open: {last}",
                         level=self.level)
 
     def _start(self, sock: socket.socket) -> None:

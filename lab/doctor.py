@@ -25,6 +25,18 @@ TOOLS: dict[str, tuple[str, str]] = {
     "linux/kvm.h": ("/usr/include/linux/kvm.h", "linux-libc-dev"),
 }
 
+# What the bochs-vmx profile needs besides the above (an L0 under Bochs boots from a CD).
+BOCHS_TOOLS: dict[str, tuple[str, str]] = {
+    "bochs": ("bochs", "bochs"),
+    "bochs sdl2 display": ("/usr/lib/x86_64-linux-gnu/bochs/plugins/libbx_sdl2_gui.so",
+                           "bochs-sdl"),
+    "bochs BIOS": ("/usr/share/bochs/BIOS-bochs-latest", "bochsbios"),
+    "VGA BIOS": ("/usr/share/vgabios/vgabios.bin", "vgabios"),
+    "isolinux": ("/usr/lib/ISOLINUX/isolinux.bin", "isolinux"),
+    "ldlinux.c32": ("/usr/lib/syslinux/modules/bios/ldlinux.c32", "syslinux-common"),
+    "genisoimage": ("genisoimage", "genisoimage"),
+}
+
 
 @dataclass
 class HostReport:
@@ -42,6 +54,14 @@ class HostReport:
     missing: dict[str, str] = field(default_factory=dict)
     profile: str | None = None
     profile_reason: str = ""
+    # bochs-vmx is never chosen by itself (TCG is faster); it runs when asked for, if this
+    # host has what it needs.
+    bochs_missing: dict[str, str] = field(default_factory=dict)
+    bochs_version: str | None = None
+
+    @property
+    def bochs_can_run(self) -> bool:
+        return not self.bochs_missing and not self.missing
 
     @property
     def install_command(self) -> str | None:
@@ -58,6 +78,7 @@ class HostReport:
         d = asdict(self)
         d["install_command"] = self.install_command
         d["can_run"] = self.can_run
+        d["bochs_can_run"] = self.bochs_can_run
         return d
 
 
@@ -115,15 +136,29 @@ def probe(sys_module: Path = Path("/sys/module"), cpuinfo: Path = Path("/proc/cp
         extra = f" (modules: {', '.join(mods)})" if mods else ""
         usable, reason = False, f"/dev/kvm exists but the CPU has no vmx/svm flag{extra}"
     missing = {name: pkg for name, (path, pkg) in TOOLS.items() if not _find(path)}
+    bochs_missing = {name: pkg for name, (path, pkg) in BOCHS_TOOLS.items() if not _find(path)}
     report = HostReport(
         cpu_vendor=vendor, cpu_model=model, vmx=vmx, svm=svm, kvm_device=has_dev,
         kvm_modules=mods, kvm_usable=usable, kvm_usable_reason=reason, nested=nested,
         qemu_version=_version(["qemu-system-x86_64", "--version"]) if versions else
         ("present" if shutil.which("qemu-system-x86_64") else None),
         gdb_version=_version(["gdb", "--version"]) if versions else None, missing=missing,
+        bochs_missing=bochs_missing,
+        bochs_version=_bochs_version() if versions and "bochs" not in bochs_missing else None,
     )
     report.profile, report.profile_reason = choose_profile(report)
     return report
+
+
+def _bochs_version() -> str | None:
+    # Bochs has no --version: `-help` prints its banner and exits.
+    try:
+        out = subprocess.run(["bochs", "-help"], capture_output=True, text=True, timeout=10,
+                             stdin=subprocess.DEVNULL)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    m = re.search(r"Bochs x86 Emulator (\S+)", out.stdout + out.stderr)
+    return m.group(1) if m else None
 
 
 def choose_profile(r: HostReport) -> tuple[str | None, str]:
@@ -153,6 +188,15 @@ def format_report(r: HostReport) -> str:
     if r.missing:
         lines.append(f"missing tools:    {', '.join(sorted(r.missing))}")
         lines.append(f"install with:     {r.install_command}")
+    if r.bochs_can_run:
+        lines.append(f"bochs-vmx:        can run (Bochs {r.bochs_version or '?'}, emulated VMX "
+                     "with EPT; choose it with --profile bochs-vmx)")
+    elif r.bochs_missing:
+        pkgs = " ".join(sorted(set(r.bochs_missing.values())))
+        lines.append(f"bochs-vmx:        cannot run: missing {', '.join(sorted(r.bochs_missing))}"
+                     f" (apt-get install -y {pkgs})")
+    else:
+        lines.append("bochs-vmx:        cannot run until the missing tools above are installed")
     lines.append("a lab can run here" if r.can_run else "a lab cannot run here yet")
     return "\n".join(lines)
 

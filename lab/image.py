@@ -255,6 +255,8 @@ class Builder:
             plan.files[dest] = ko
             plan.modules.append((name, dest, deps))
         plan.data[f"lib/modules/{release}/modules.dep"] = (_modules_dep(plan, release), 0o644)
+        # What rcS loads at boot, in the recipe's order (dependencies come through modprobe).
+        plan.data["etc/lab/modules"] = ("\n".join(recipe.modules).encode() + b"\n", 0o644)
         if child is not None:
             plan.add_binary("usr/bin/qemu-system-x86_64", QEMU_BINARY)
             for fw in QEMU_FIRMWARE:

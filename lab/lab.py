@@ -21,8 +21,9 @@ from pathlib import Path
 from typing import Any
 
 from lab import access, inject, procs, tap
+from lab.bochs import BochsSpec, BochsVM
 from lab.console import Console, ConsoleTimeout
-from lab.errors import BootError, LabError, LaunchError, SSHError
+from lab.errors import BootError, LabError, LaunchError, SSHError, UsageError
 from lab.image import Builder, BuiltImage, load_recipe
 from lab.keys import client_key
 from lab.playbook import Level, Playbook
@@ -35,6 +36,7 @@ from lab.ssh import SSHSession
 CHILD_SSH_PORT = 10022  # on the parent's loopback; each parent is its own machine
 MARK_INIT = r"LAB-INIT: start"
 MARK_READY = r"LAB-INIT: ready"
+MARK_ERROR = r"LAB-INIT: error: "
 
 
 @dataclass
@@ -52,7 +54,8 @@ class Lab:
     def __init__(self, playbook: Playbook, run_dir: Path, profile: Profile, cache: Path,
                  kernel_tree: Path | None = None, hold: bool = False,
                  log: Callable[[str], None] = print) -> None:
-        self.pb = playbook
+        # The playbook as this profile runs it (L0's image, probe backend, boot timeouts).
+        self.pb = playbook.for_profile(profile)
         self.run_dir = run_dir
         self.profile = profile
         self.cache = cache
@@ -61,8 +64,11 @@ class Lab:
         self.log = log
         self.id = f"{datetime.datetime.now():%Y%m%d-%H%M%S}-{secrets.token_hex(3)}"
         self.t0 = time.monotonic()
-        self.levels = {name: LevelState(lv) for name, lv in playbook.levels.items()}
-        self.vm: QemuVM | None = None
+        if hold and not profile.has_gdbstub:
+            raise UsageError(f"--hold: profile {profile.name} has no gdbstub to hold L0's "
+                             "CPUs for")
+        self.levels = {name: LevelState(lv) for name, lv in self.pb.levels.items()}
+        self.vm: QemuVM | BochsVM | None = None
         self.gdb_port: int | None = None
         self.registry = procs.Registry()
         # Unix socket paths are limited to 108 bytes: keep sockets in a short private dir.
@@ -144,7 +150,9 @@ class Lab:
             self.profile.kvm_module: {"nested": "1", self.profile.tdp_param: "1"}}
         for mod, ps in lv.modules.items():
             params.setdefault(mod, {}).update(ps)
-        words = ["console=ttyS0", *([] if lv.kaslr else ["nokaslr"]), "panic=-1",
+        # 115200: Bochs times its UART by the divisor (at Linux's default 9600 a boot log
+        # takes tens of seconds); QEMU does not care.
+        words = ["console=ttyS0,115200", *([] if lv.kaslr else ["nokaslr"]), "panic=-1",
                  f"lab.level={lv.name}"]
         if nested:
             # Every byte on a nested console is a VM exit through the levels above: print
@@ -173,25 +181,15 @@ class Lab:
         names = list(self.levels)
         for attempt in range(3):
             st.ssh_port = free_port()
-            self.gdb_port = free_port()
-            st.spec = VMSpec(
-                level="l0", accel=self.profile.accel, cpu=self.profile.l0_cpu,
-                memory_mb=st.level.memory_mb, cpus=st.level.cpus,
-                kernel=str(st.image.kernel), initrd=str(st.image.initrd),
-                append=self._append(st.level, nested=False), ssh_port=st.ssh_port,
-                # ttyS0 is L0's own console; ttyS1 and ttyS2 relay L1's and L2's to the host.
-                serials=[Serial(n, "unix", str(self.sock_dir / f"{n}.console"))
-                         for n in names],
-                qmp=str(self.sock_dir / "qmp"), gdb=f"tcp:127.0.0.1:{self.gdb_port}",
-                hold=self.hold)
-            self.vm = QemuVM(st.spec, self.run_dir, on_crash=self._on_crash)
+            self.vm = (self._bochs_l0(st, names) if self.profile.machine == "bochs"
+                       else self._qemu_l0(st, names))
             st.timeline["launch"] = self.now()
             try:
                 self.vm.start()
                 break
             except LaunchError as e:
                 self.vm.stop()
-                # Another process may have taken the port between our probe and QEMU's bind.
+                # Another process may have taken a port between our probe and the bind.
                 port_race = "hostfwd" in e.output or "Address already in use" in e.output
                 if port_race and attempt < 2:
                     continue
@@ -205,6 +203,35 @@ class Lab:
             self.log(f"l0: CPUs held until a debugger continues them: "
                      f"gdb -x {self.run_dir}/gdbinit (then `continue`)")
         self._await_level("l0", since=0)
+
+    def _qemu_l0(self, st: LevelState, names: list[str]) -> QemuVM:
+        assert st.image is not None
+        self.gdb_port = free_port()
+        st.spec = VMSpec(
+            level="l0", accel=self.profile.accel, cpu=self.profile.l0_cpu,
+            memory_mb=st.level.memory_mb, cpus=st.level.cpus,
+            kernel=str(st.image.kernel), initrd=str(st.image.initrd),
+            append=self._append(st.level, nested=False), ssh_port=st.ssh_port,
+            # ttyS0 is L0's own console; ttyS1 and ttyS2 relay L1's and L2's to the host.
+            serials=[Serial(n, "unix", str(self.sock_dir / f"{n}.console")) for n in names],
+            qmp=str(self.sock_dir / "qmp"), gdb=f"tcp:127.0.0.1:{self.gdb_port}",
+            hold=self.hold)
+        return QemuVM(st.spec, self.run_dir, on_crash=self._on_crash)
+
+    def _bochs_l0(self, st: LevelState, names: list[str]) -> BochsVM:
+        assert st.image is not None
+        mods = st.image.manifest.get("modules") or []
+        if "e1000" not in mods:  # type: ignore[operator]
+            # A build tree may have it built in; a Debian cloud kernel has not (FACTS.md).
+            self.log(f"l0: image {st.image.dir.name} has no e1000 module: unless the kernel "
+                     "has it built in, SSH to L0 under Bochs will not come up")
+        spec = BochsSpec(
+            level="l0", cpu_model=self.profile.l0_cpu, memory_mb=st.level.memory_mb,
+            cpus=st.level.cpus, kernel=str(st.image.kernel), initrd=str(st.image.initrd),
+            append=self._append(st.level, nested=False), ssh_port=st.ssh_port,
+            # COM1 is L0's own console; COM2 and COM3 relay L1's and L2's, as under QEMU.
+            serials={n: free_port() for n in names})
+        return BochsVM(spec, self.run_dir, self.sock_dir, self.cache, on_crash=self._on_crash)
 
     def _await_level(self, name: str, since: int,
                      alive: Callable[[], None] | None = None) -> None:
@@ -238,7 +265,12 @@ class Lab:
         first = con.lines[since].t if since < len(con.lines) else con.lines[idx].t
         st.timeline["console_first_output"] = round(first - self.t0, 3)
         st.timeline["init"] = round(con.lines[idx].t - self.t0, 3)
-        wait(MARK_READY)
+        ready = wait(MARK_READY)
+        for ln in con.lines[idx:ready]:
+            if MARK_ERROR in ln.text:
+                raise BootError(f"{name}: {ln.text.split(MARK_ERROR, 1)[1]} (image "
+                                f"{st.image.dir.name if st.image else '?'})", level=name,
+                                detail=con.tail(40))
         parent = self.levels[st.level.parent].ssh if st.level.parent else None
         st.ssh = SSHSession(name, st.ssh_port, self.key_file, str(st.image.host_key)
                             if st.image else "", via=parent)
@@ -332,6 +364,9 @@ class Lab:
     def _write_gdbinit(self, modules: bool) -> None:
         """RUN/gdbinit: what `lab gdb` (or `gdb -x RUN/gdbinit`) runs to attach to L0."""
         from lab.gdb import add_symbol_file_command
+
+        if not self.profile.has_gdbstub:
+            return
 
         try:
             vmlinux, module_root, smap = self.debug_files()

@@ -6,6 +6,7 @@ and the field (exit status 2).
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,6 +16,7 @@ from lab import schema
 from lab.errors import UsageError
 from lab.inject import NAMES as INJECTION_NAMES
 from lab.probes import PROBE_SPEC, load_probes
+from lab.profiles import PROFILES, Profile
 
 LEVELS = ("l0", "l1", "l2")
 PARENT = {"l1": "l0", "l2": "l1"}
@@ -29,7 +31,7 @@ def _is_name(s: str) -> bool:
     return bool(_NAME.match(s))
 
 LEVEL_SPEC = schema.Map({
-    "image": schema.Field(schema.Str(), default="default"),
+    "image": schema.Field(schema.Str(), default=None),  # None: the profile's choice
     "memory": schema.Field(schema.Int(minimum=128, maximum=65536), default=None),
     "cpus": schema.Field(schema.Int(minimum=1, maximum=64), default=1),
     "append": schema.Field(schema.Str(), default=""),
@@ -52,14 +54,14 @@ STEP_SPEC = schema.Map({
 PLAYBOOK_SPEC = schema.Map({
     "name": schema.Field(schema.Str()),
     "description": schema.Field(schema.Str(), default=""),
-    "profile": schema.Field(schema.Str(choices=("auto", "kvm-vmx", "kvm-svm", "tcg-svm")),
-                            default="auto"),
+    "profile": schema.Field(schema.Str(choices=("auto", *PROFILES)), default="auto"),
     "topology": schema.Field(schema.Dict(LEVEL_SPEC, key_check=lambda k: k in LEVELS,
                                          key_what="a level (l0, l1, l2)")),
     "steps": schema.Field(schema.List(STEP_SPEC), default=None),
     "probes": schema.Field(schema.List(PROBE_SPEC), default=None),
     "inject": schema.Field(schema.Str(choices=INJECTION_NAMES), default=None),
-    "probe_backend": schema.Field(schema.Str(choices=("gdb", "tracefs")), default="gdb"),
+    # None: gdb where the profile has a gdbstub, tracefs where it has not.
+    "probe_backend": schema.Field(schema.Str(choices=("gdb", "tracefs")), default=None),
     "extends": schema.Field(schema.Str(), default=None),
 })
 
@@ -79,6 +81,8 @@ class Level:
     boot_timeout: int
     line: int
     kaslr: bool = False  # boot with KASLR (the default is nokaslr); gdb relocates the symbols
+    image_given: bool = True  # False: `image` is the default, and a profile may choose another
+    timeout_given: bool = True  # False: `boot_timeout` is the default, scaled by the profile
 
     @property
     def parent(self) -> str | None:
@@ -106,7 +110,36 @@ class Playbook:
     steps: list[Step] = field(default_factory=list)
     probes: list[Any] = field(default_factory=list)  # validated items; expanded per vendor
     inject: str | None = None
-    probe_backend: str = "gdb"
+    probe_backend: str | None = None  # None: decided by the profile (see for_profile)
+    lines: dict[str, int] = field(default_factory=dict)  # top-level field -> line, for errors
+
+    def for_profile(self, profile: Profile) -> Playbook:
+        """This playbook as it runs under `profile`: L0's image and the probe backend where
+        the playbook leaves them to the profile, default boot timeouts scaled to its speed."""
+        levels = {}
+        for name, lv in self.levels.items():
+            changes: dict[str, Any] = {}
+            if name == "l0" and not lv.image_given and profile.l0_image != lv.image:
+                recipe = find_image(self.path, profile.l0_image)
+                if recipe is None:
+                    looked = ", ".join(str(d) for d in image_dirs(self.path))
+                    raise UsageError(f"{self.path}:{lv.line}: topology.l0.image: profile "
+                                     f"{profile.name} needs image {profile.l0_image!r}, and "
+                                     f"there is no such recipe (looked in {looked})")
+                changes.update(image=profile.l0_image, recipe=recipe)
+            if not lv.timeout_given:
+                changes["boot_timeout"] = round(lv.boot_timeout * profile.timeout_scale)
+            levels[name] = dataclasses.replace(lv, **changes)
+        backend = self.probe_backend or ("gdb" if profile.has_gdbstub else "tracefs")
+        if backend == "gdb" and not profile.has_gdbstub and self.probes:
+            raise UsageError(f"{self.path}:{self.lines.get('probe_backend', 1)}: probe_backend: "
+                             f"gdb cannot probe L0 under profile {profile.name} (it has no "
+                             f"gdbstub); expected tracefs")
+        if self.inject and not profile.has_gdbstub:
+            raise UsageError(f"{self.path}:{self.lines.get('inject', 1)}: inject: {self.inject} "
+                             f"patches L0 through gdb, and profile {profile.name} has no "
+                             "gdbstub")
+        return dataclasses.replace(self, levels=levels, probe_backend=backend)
 
     def probe_specs(self, vendor: str) -> list[Any]:
         return load_probes(self.probes, vendor)
@@ -174,17 +207,19 @@ def load(path: Path) -> Playbook:
         parent = PARENT.get(name)
         if parent and parent not in topo:
             raise UsageError(f"{topo.where(name)}: topology.{name}: needs its parent {parent}")
-        recipe = find_image(path, lv["image"])
+        image = lv["image"] or "default"
+        recipe = find_image(path, image)
         if recipe is None:
             looked = ", ".join(str(d) for d in image_dirs(path))
             raise UsageError(f"{lv.where('image')}: topology.{name}.image: no recipe "
-                             f"{lv['image']!r} (looked in {looked})")
+                             f"{image!r} (looked in {looked})")
         levels[name] = Level(
-            name=name, image=lv["image"], recipe=recipe,
+            name=name, image=image, recipe=recipe,
             memory_mb=lv["memory"] or DEFAULT_MEMORY[name], cpus=lv["cpus"],
             append=lv["append"], modules={m: dict(p) for m, p in (lv["modules"] or {}).items()},
             boot_timeout=lv["boot_timeout"] or DEFAULT_BOOT_TIMEOUT[name],
-            line=topo.lines[name], kaslr=lv["kaslr"])
+            line=topo.lines[name], kaslr=lv["kaslr"], image_given=lv["image"] is not None,
+            timeout_given=lv["boot_timeout"] is not None)
     for name, lv in levels.items():
         parent = lv.parent
         if parent is None:
@@ -212,4 +247,5 @@ def load(path: Path) -> Playbook:
     load_probes(probes, "amd")  # validates; the lab expands the sets for the real vendor
     return Playbook(path=path, name=data["name"] or path.stem, description=data["description"],
                     profile=data["profile"], levels=levels, steps=steps, probes=probes,
-                    inject=data["inject"], probe_backend=data["probe_backend"])
+                    inject=data["inject"], probe_backend=data["probe_backend"],
+                    lines=dict(data.lines))

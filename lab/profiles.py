@@ -13,9 +13,19 @@ from dataclasses import dataclass
 class Profile:
     name: str
     vendor: str  # "intel" | "amd"
-    accel: str  # how the host runs L0: "kvm" | "tcg"
-    l0_cpu: str  # QEMU -cpu for L0
+    accel: str  # how the host runs L0: "kvm" | "tcg" (QEMU) | "emulated" (Bochs)
+    l0_cpu: str  # QEMU -cpu, or Bochs cpu model, for L0
     description: str
+    machine: str = "qemu"  # what runs L0 on the host: "qemu" | "bochs"
+    l0_image: str = "default"  # L0's image recipe when the playbook names none
+    # Boot timeouts that a playbook leaves at their defaults are multiplied by this: an
+    # emulator that runs the guest 10-50x slower than TCG needs longer, not a failure.
+    timeout_scale: float = 1.0
+
+    @property
+    def has_gdbstub(self) -> bool:
+        """Whether the host can stop L0 in gdb (Debian's Bochs has no gdbstub, FACTS.md)."""
+        return self.machine == "qemu"
 
     @property
     def virt_flag(self) -> str:
@@ -61,6 +71,13 @@ PROFILES: dict[str, Profile] = {
         # svm and npt under TCG; `qemu64` has svm without npt.
         Profile("tcg-svm", "amd", "tcg", "max",
                 "QEMU TCG with an AMD CPU model that has svm+npt (no hardware virtualization)"),
+        # Bochs emulates VMX with EPT (FACTS.md). broadwell_ult rather than corei7_skylake_x:
+        # both run nested KVM, but skylake_x's XSAVE sizes disagree with its features and
+        # L0 boots with a WARNING in fpu__init_system_xstate that would read as a crash.
+        # Its L0 image has e1000, the NIC Bochs's slirp serves (the cloud kernel has none).
+        Profile("bochs-vmx", "intel", "emulated", "broadwell_ult",
+                "Bochs emulating an Intel CPU with VMX+EPT (no Intel hardware needed; slow)",
+                machine="bochs", l0_image="bochs-l0", timeout_scale=5.0),
     )
 }
 
