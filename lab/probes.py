@@ -55,15 +55,19 @@ def builtin_set(name: str, vendor: str) -> list[ProbeSpec]:
     origin = f"invalidation/{'vmx' if vendor == 'intel' else 'svm'}"
     if vendor == "intel":
         return [
-            # handle_invept is reached through the exit-handler table, never inlined.
+            # handle_invept is reached through the exit-handler table, never inlined. On
+            # return, guest_mmu must hold no root the INVEPT named (the seed's fix).
             ProbeSpec("handle_invept", "handle_invept", captures={
                 "eptp12": "((struct vcpu_vmx *)vcpu)->nested.cached_vmcs12->ept_pointer",
                 "guest_mmu": "guest_mmu(vcpu)"}, when=["entry", "return"], origin=origin),
-            # The roots handle_invept frees; roots_to_free says single-context or global.
+            # The call that frees the roots: what handle_invept decided (INVEPT type 1 =
+            # single-context, 2 = global; the operand's EPTP; which roots) and the roots it
+            # is about to free. Caller variables (type, operand, vcpu) are handle_invept's.
             ProbeSpec("invept_free_roots", "kvm_mmu_free_roots",
                       condition='$_caller_is("handle_invept", 1)',
-                      captures={"roots_to_free": "roots_to_free", "root": "mmu->root",
-                                "prev_roots": "mmu->prev_roots"}, origin=origin),
+                      captures={"type": "type", "operand_eptp": "operand.eptp",
+                                "roots_to_free": "roots_to_free",
+                                "guest_mmu": "guest_mmu(vcpu)"}, origin=origin),
         ]
     return [
         # Every #VMEXIT from L2: guest_mmu is active and its root shadows L1's nested CR3.

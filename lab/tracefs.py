@@ -6,9 +6,11 @@ as the gdb backend: captures are compiled on the host by gdb from the vmlinux an
 into kprobe fetch arguments (+OFFSET(BASE)), so nothing is hard-coded per kernel. Hits come back
 as the same records.
 
-What tracing cannot do, it says per probe (error), instead of guessing: conditions (a filter
-compares a field with a constant, not two fields), captures on return (return probes cannot
-fetch entry arguments), and expressions beyond ARG->field chains.
+Return probes cannot fetch entry arguments, so `when: return` becomes one kprobe per way out
+of the function, at the last instruction where DWARF still locates what the captures need
+(locals included); `if: $_caller_is("F", 1)` becomes one kprobe per call in F. What tracing
+cannot do, it says per probe (error), instead of guessing: other conditions (a filter compares
+a field with a constant, not two fields) and expressions beyond VAR->field chains.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from lab.ssh import SSHSession
 
 TRACE = "/sys/kernel/tracing"
 GROUP = "lab"
-_LINE = re.compile(r"^\s*\S+-\d+\s+\[\d+\]\s+\S+\s+(?P<ts>\d+\.\d+): (?P<event>\w+): "
+_LINE = re.compile(r"^\s*\S+-\d+\s+\[(?P<cpu>\d+)\]\s+\S+\s+(?P<ts>\d+\.\d+): (?P<event>\w+): "
                    r"\((?P<where>[^)]*)\)(?P<fields>.*)$")
 
 
@@ -37,12 +39,14 @@ def compile_probes(specs: list[ProbeSpec], vmlinux: Path, modules: list[Path],
     """Ask gdb (batch, on the host) for every offset the probes' captures need."""
     helper = log_dir / "tracefs-compile.py"
     helper.write_bytes((resources.files("lab") / "guest" / "tracefs_compile.py").read_bytes())
-    req = {"probes": [{"name": s.name, "at": s.at, "captures": s.captures} for s in specs]}
+    # Any distinct kernel-like address will do for a module's .text (offsets are what comes
+    # back); at 0 gdb finds no block for a function's pc.
+    bases = {str(ko): 0xFFFFFFFFC0000000 + i * 0x1000000 for i, ko in enumerate(modules)}
+    req = {"probes": [{"name": s.name, "at": s.at, "captures": s.captures, "when": s.when,
+                       "condition": s.condition} for s in specs], "bases": bases}
     cmd = ["gdb", "-batch", "-nx", "-q", str(vmlinux)]
-    for i, ko in enumerate(modules):
-        # Any distinct kernel-like address will do (only types and blocks are looked up);
-        # at 0 gdb finds no block for a function's pc.
-        cmd += ["-ex", f"add-symbol-file {ko} {0xffffffffc0000000 + i * 0x1000000:#x}"]
+    for ko, base in bases.items():
+        cmd += ["-ex", f"add-symbol-file {ko} {base:#x}"]
     cmd += ["-x", str(helper)]
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
                        env=dict(os.environ, LAB_TRACEFS_REQUEST=json.dumps(req)))
@@ -50,25 +54,26 @@ def compile_probes(specs: list[ProbeSpec], vmlinux: Path, modules: list[Path],
     if not m:
         raise LabError(f"compiling tracefs probes: gdb said: {(p.stdout + p.stderr)[-800:]}")
     compiled: list[dict[str, Any]] = json.loads(m.group(1))
-    for spec, c in zip(specs, compiled, strict=True):
-        if c["error"] is None and spec.condition:
-            c["error"] = "conditions are not supported by the tracefs backend"
-        if c["error"] is None and spec.when != ["entry"]:
-            c["error"] = "the tracefs backend captures on entry only"
     return compiled
 
 
-def event_name(probe: str) -> str:
-    return re.sub(r"\W", "_", probe)[:60]
+def event_name(probe: str, site: int = 0) -> str:
+    """The kprobe event of a probe's site: its first site is named after the probe."""
+    base = re.sub(r"\W", "_", probe)[:56]
+    return base if site == 0 else f"{base}_{site}"
 
 
-def event_line(compiled: dict[str, Any], at: str) -> str:
-    target = f"{compiled['module']}:{at}" if compiled.get("module") else at
+def event_line(compiled: dict[str, Any], at: str, site: int = 0) -> str:
+    sites = compiled.get("sites") or [{"func": at, "offset": 0,
+                                       "captures": compiled["captures"]}]
+    s = sites[site]
+    where = s["func"] + (f"+{s['offset']:#x}" if s["offset"] else "")
+    target = f"{compiled['module']}:{where}" if compiled.get("module") else where
     args = []
-    for cname, cap in compiled["captures"].items():
+    for cname, cap in s["captures"].items():
         for field, fetch in cap["fetch"].items():
             args.append(f"{_field(cname, field)}={fetch}")
-    return f"p:{GROUP}/{event_name(compiled['name'])} {target} " + " ".join(args)
+    return f"p:{GROUP}/{event_name(compiled['name'], site)} {target} " + " ".join(args)
 
 
 def _field(capture: str, part: str) -> str:
@@ -85,13 +90,15 @@ def parse_trace(text: str) -> list[dict[str, Any]]:
         fields = {k: int(v, 0) for k, v in re.findall(r"(\w+)=(0x[0-9a-fA-F]+|-?\d+)",
                                                       m.group("fields"))}
         out.append({"ts": float(m.group("ts")), "event": m.group("event"),
+                    "cpu": int(m.group("cpu")),
                     "where": m.group("where"), "fields": fields})
     return out
 
 
-def assemble(compiled: dict[str, Any], fields: dict[str, int]) -> dict[str, Any]:
+def assemble(compiled: dict[str, Any], fields: dict[str, int],
+             captures: dict[str, Any] | None = None) -> dict[str, Any]:
     caps: dict[str, Any] = {}
-    for cname, cap in compiled["captures"].items():
+    for cname, cap in (captures if captures is not None else compiled["captures"]).items():
         def get(part: str, cname: str = cname) -> int:
             return fields[_field(cname, part)]
 
@@ -124,7 +131,8 @@ class TraceProbes:
         self.log = log
         self.hits: dict[str, list[dict[str, Any]]] = {s.name: [] for s in specs}
         self.errors = {c["name"]: c["error"] for c in compiled}
-        self.lines: dict[str, str] = {}
+        self.lines: dict[str, str] = {}  # event -> its kprobe_events line
+        self.events: dict[str, tuple[ProbeSpec, int]] = {}  # event -> (probe, site)
         self.clock: tuple[float, float] | None = None  # (host t, guest trace ts) at start
 
     def _sh(self, script: str, timeout: float = 60) -> str:
@@ -141,13 +149,15 @@ class TraceProbes:
             if c["error"]:
                 self.log(f"probe {spec.name}: {c['error']}")
                 continue
-            line = event_line(c, spec.at)
-            self.lines[spec.name] = line
-            ev = event_name(spec.name)
-            cmds.append(f"echo '{line}' >> {TRACE}/kprobe_events || "
-                        f"{{ echo \"{spec.name}: $(tail -3 {TRACE}/error_log)\"; }}")
-            cmds.append(f"[ -d {TRACE}/events/{GROUP}/{ev} ] && "
-                        f"echo 1 > {TRACE}/events/{GROUP}/{ev}/enable")
+            for i in range(len(c.get("sites") or [None])):
+                line = event_line(c, spec.at, i)
+                ev = event_name(spec.name, i)
+                self.lines[ev] = line
+                self.events[ev] = (spec, i)
+                cmds.append(f"echo '{line}' >> {TRACE}/kprobe_events || "
+                            f"{{ echo \"{spec.name}: $(tail -3 {TRACE}/error_log)\"; }}")
+                cmds.append(f"[ -d {TRACE}/events/{GROUP}/{ev} ] && "
+                            f"echo 1 > {TRACE}/events/{GROUP}/{ev}/enable")
         cmds.append(f"echo 1 > {TRACE}/tracing_on")
         # The trace clock ("local", seconds since boot) against the host's, to place hits.
         cmds.append("cut -d' ' -f1 /proc/uptime")
@@ -165,30 +175,58 @@ class TraceProbes:
         self.log(f"tracefs: {len(self.lines)} kprobe events in L0 "
                  f"({', '.join(self.lines) or 'none'})")
 
+    def _site(self, spec: ProbeSpec, i: int) -> dict[str, Any]:
+        c = next(c for c in self.compiled if c["name"] == spec.name)
+        sites = c.get("sites") or [{"when": "entry", "captures": c["captures"], "offset": 0,
+                                    "func": spec.at}]
+        return sites[i]
+
     def stop(self) -> None:
         # Take down only the lab's own events; anything else in kprobe_events stays.
         cmds = [f"echo 0 > {TRACE}/tracing_on", f"cat {TRACE}/trace"]
-        for n in self.lines:
-            cmds += [f"echo 0 > {TRACE}/events/{GROUP}/{event_name(n)}/enable",
-                     f"echo '-:{GROUP}/{event_name(n)}' >> {TRACE}/kprobe_events"]
+        for ev in self.lines:
+            cmds += [f"echo 0 > {TRACE}/events/{GROUP}/{ev}/enable",
+                     f"echo '-:{GROUP}/{ev}' >> {TRACE}/kprobe_events"]
         text = self._sh("; ".join([*cmds, "true"]), timeout=300)
-        by_event = {event_name(s.name): s for s in self.specs}
         compiled = {c["name"]: c for c in self.compiled}
+        open_hit: dict[tuple[str, int], dict[str, Any]] = {}  # (probe, cpu) -> awaiting return
         for rec in parse_trace(text):
-            spec = by_event.get(rec["event"])
-            if spec is None:
+            if rec["event"] not in self.events:
                 continue
+            spec, i = self.events[rec["event"]]
+            site = self._site(spec, i)
+            caps = assemble(compiled[spec.name], rec["fields"], site["captures"])
             hits = self.hits[spec.name]
+            if site["when"] == "return":
+                # The way out belongs to the latest entry on the same CPU without one.
+                hit = open_hit.pop((spec.name, rec["cpu"]), None)
+                if hit is not None:
+                    hit["captures"]["return"] = caps
+                    hit["return_site"] = f"{site['func']}+{site['offset']:#x}"
+                    hit["return_guest_ts"] = rec["ts"]
+                continue
             if len(hits) >= spec.max_hits:
                 continue
+            # Another probe's hit between an entry and its return happened inside that call
+            # (e.g. the roots handle_invept frees): say so on the outer hit.
+            for (name, cpu), outer in open_hit.items():
+                if cpu == rec["cpu"] and name != spec.name:
+                    outer.setdefault("within", []).append(
+                        {"probe": spec.name, "hit": len(hits) + 1})
             t = rec["ts"] - self.clock[1] + self.clock[0] if self.clock else 0.0
-            hits.append({"hit": len(hits) + 1, "t": round(t, 3), "guest_ts": rec["ts"],
-                         "location": {"func": rec["where"].split("+")[0], "file": None,
-                                      "line": None, "addr": None},
-                         "captures": {"entry": assemble(compiled[spec.name], rec["fields"])}})
+            hit = {"hit": len(hits) + 1, "t": round(t, 3), "guest_ts": rec["ts"],
+                   "location": {"func": rec["where"].split("+")[0], "file": None,
+                                "line": None, "addr": None,
+                                "site": f"{site['func']}+{site['offset']:#x}"},
+                   "captures": {"entry": caps}}
+            hits.append(hit)
+            if "return" in spec.when:
+                open_hit[(spec.name, rec["cpu"])] = hit
 
     def results(self) -> list[dict[str, Any]]:
-        return [{"name": s.name, "at": s.at, "location": self.lines.get(s.name, ""),
+        return [{"name": s.name, "at": s.at,
+                 "location": "; ".join(ln for ev, ln in self.lines.items()
+                                       if self.events[ev][0] is s),
                  "condition": s.condition, "when": s.when, "origin": s.origin,
                  "max_hits": s.max_hits, "error": self.errors.get(s.name),
                  "hits": self.hits[s.name]} for s in self.specs]
