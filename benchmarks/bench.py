@@ -5,6 +5,8 @@
     .venv/bin/python benchmarks/bench.py smoke    # `lab run smoke` vs bare QEMU until SSH answers
     .venv/bin/python benchmarks/bench.py nested   # `lab run nested` vs the raw chain of poc/
     .venv/bin/python benchmarks/bench.py probes   # invept.yaml with probes on and off
+    .venv/bin/python benchmarks/bench.py bochs    # nested.yaml under bochs-vmx vs tcg-svm
+    .venv/bin/python benchmarks/bench.py hitcost  # a probe hit: kprobe event vs gdb stop, same L0
 
 Each prints one JSON object. Run one at a time on a 2-core machine.
 """
@@ -112,9 +114,9 @@ def bench_smoke(n: int) -> dict[str, object]:
     return res
 
 
-def run_playbook(path: Path, out: Path) -> tuple[float, dict[str, object]]:
+def run_playbook(path: Path, out: Path, *args: str) -> tuple[float, dict[str, object]]:
     t = time.monotonic()
-    subprocess.run([sys.executable, "-m", "lab", "run", str(path), "--out", str(out)],
+    subprocess.run([sys.executable, "-m", "lab", "run", str(path), "--out", str(out), *args],
                    cwd=ROOT, capture_output=True)
     rep: dict[str, object] = json.loads((out / "report.json").read_text())
     return round(time.monotonic() - t, 3), rep
@@ -203,13 +205,84 @@ def bench_probes() -> dict[str, object]:
             "hit_cost_ms": costs, "cases_per_second_by_level": rates}
 
 
+def bench_bochs() -> dict[str, object]:
+    """The same playbook (nested.yaml: L0 -> L1 -> L2, same steps) under both profiles:
+    seconds from each level's launch to its /init and to SSH, and the whole run."""
+    res: dict[str, object] = {}
+    with tempfile.TemporaryDirectory() as d:
+        for prof in ("tcg-svm", "bochs-vmx"):
+            total, rep = run_playbook(ROOT / "playbooks" / "nested.yaml", Path(d) / prof,
+                                      "--profile", prof)
+            levels: dict[str, dict[str, dict[str, float]]] = rep["levels"]  # type: ignore
+            res[prof] = {
+                "status": rep["status"], "lab_run_total_s": total,
+                "per_level_s": {lv: {"init": round(i["timeline"]["init"] -
+                                                   i["timeline"]["launch"], 1),
+                                     "ssh": round(i["timeline"]["ssh_ready"] -
+                                                  i["timeline"]["launch"], 1)}
+                                for lv, i in levels.items()}}
+    return res
+
+
+HITCOST_READS = 20000
+
+
+def bench_hitcost() -> dict[str, object]:
+    """One probe hit on the same L0 (tcg-svm) and the same function (ksys_read, hit once per
+    read(2) of `dd bs=1`): a kprobe event with 14 fetch arguments (what guest_mmu() compiles
+    to) against a gdb stop with the same number of captures."""
+    fetch = " ".join(f"a{i}=+{8 * i:#x}(%sp):x64" for i in range(14))
+    script = (
+        "T=/sys/kernel/tracing; echo 0 > $T/tracing_on; echo > $T/trace; "
+        "run() { s=$(cut -d' ' -f1 /proc/uptime); "
+        f"dd if=/dev/zero of=/dev/null bs=1 count={HITCOST_READS} 2>/dev/null; "
+        "e=$(cut -d' ' -f1 /proc/uptime); echo \"$s $e\"; }; "
+        "run; run; "
+        f"echo 'p:bench/read ksys_read {fetch}' >> $T/kprobe_events; "
+        "echo 1 > $T/events/bench/enable; echo 1 > $T/tracing_on; "
+        "run; run; echo 0 > $T/tracing_on; "
+        "echo \"hits $(grep -c 'read:' $T/trace)\"; "
+        "echo 0 > $T/events/bench/enable; echo '-:bench/read' >> $T/kprobe_events")
+    with tempfile.TemporaryDirectory() as d:
+        out = Path(d) / "trace"
+        subprocess.run([sys.executable, "-m", "lab", "up", "playbooks/smoke.yaml", "--profile",
+                        "tcg-svm", "--out", str(out)], cwd=ROOT, check=True,
+                       capture_output=True)
+        try:
+            r = subprocess.run([sys.executable, "-m", "lab", "ssh", "--run", str(out), "l0",
+                                "--", script], cwd=ROOT, capture_output=True, text=True,
+                               check=True)
+        finally:
+            subprocess.run([sys.executable, "-m", "lab", "down", "--run", str(out)], cwd=ROOT,
+                           capture_output=True)
+        lines = r.stdout.split("\n")
+        spans = [float(b) - float(a) for a, b in (ln.split() for ln in lines[:4])]
+        hits = int(lines[4].split()[1])
+        off, on = min(spans[:2]), min(spans[2:])
+        tracefs_us = round((on - off) / HITCOST_READS * 1e6, 2)
+        pb = Path(d) / "gdb.yaml"
+        caps = "\n".join(f"      a{i}: ((unsigned long *)$sp)[{i}]" for i in range(14))
+        pb.write_text(f"name: gdb-hitcost\nprofile: tcg-svm\ntopology:\n  l0: {{}}\n"
+                      f"probes:\n  - at: ksys_read\n    max_hits: 30\n    capture:\n{caps}\n"
+                      "steps:\n  - run: dd if=/dev/zero of=/dev/null bs=1 count=100\n")
+        _, rep = run_playbook(pb, Path(d) / "gdb")
+        costs = [h["cost_ms"] for p in rep["probes"] for h in p["hits"]]  # type: ignore
+    costs.sort()
+    return {"reads_per_run": HITCOST_READS, "tracefs_hits_counted": hits,
+            "reads_without_event_s": round(off, 3), "reads_with_event_s": round(on, 3),
+            "tracefs_us_per_hit": tracefs_us,
+            "gdb_ms_per_hit_median": costs[len(costs) // 2] if costs else None,
+            "gdb_ms_per_hit_range": [costs[0], costs[-1]] if costs else None,
+            "gdb_hits": len(costs)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("what", choices=["images", "smoke", "nested", "probes"])
+    ap.add_argument("what", choices=["images", "smoke", "nested", "probes", "bochs", "hitcost"])
     ap.add_argument("-n", type=int, default=3, help="repetitions (smoke)")
     a = ap.parse_args()
     fn = {"images": bench_images, "smoke": lambda: bench_smoke(a.n), "nested": bench_nested,
-          "probes": bench_probes}
+          "probes": bench_probes, "bochs": bench_bochs, "hitcost": bench_hitcost}
     print(json.dumps(fn[a.what](), indent=1))
 
 

@@ -87,9 +87,11 @@ def cmd_images_build(args: argparse.Namespace) -> int:
         raise UsageError(f"{images}: no image recipes (*.yaml)")
     builder = Builder(cache_root(), log=_log)
     for name in names:
-        path = images / f"{name}.yaml"
+        # A name from the images directory, or a recipe's path.
+        path = Path(name) if name.endswith(".yaml") else images / f"{name}.yaml"
         if not path.exists():
             raise UsageError(f"image {name!r}: no recipe {path}")
+        name = path.stem
         tree = Path(args.kernel_tree) if args.kernel_tree else None
         t = time.monotonic()
         img = builder.build(load_recipe(path, kernel_tree=tree), with_debug=not args.no_debug)

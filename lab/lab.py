@@ -449,7 +449,8 @@ class Lab:
         compiled = compile_probes(specs, vmlinux, mods, self.run_dir)
         l0 = self.levels["l0"].ssh
         assert l0 is not None
-        self.tracer = TraceProbes(l0, specs, compiled, self.t0, log=self.log)
+        self.tracer = TraceProbes(l0, specs, compiled, self.t0, log=self.log,
+                                  trace_log=self.run_dir / "tracefs.log")
         self.tracer.start()
         self.report.probe_backend = "tracefs"
         self.report.gdb["tracefs_compile_s"] = round(time.monotonic() - t, 3)

@@ -88,10 +88,16 @@ def load_probes(items: list[Any], vendor: str) -> list[ProbeSpec]:
     specs: list[ProbeSpec] = []
     for i, p in enumerate(items):
         if p["set"]:
-            if p["at"] or p["capture"]:
-                raise UsageError(f"{p.where('set')}: probes[{i}]: `set` stands alone "
-                                 f"(no `at` or `capture` with it)")
-            specs += builtin_set(p["set"], vendor)
+            if p["at"] or p["capture"] or p["if"] or p["when"]:
+                raise UsageError(f"{p.where('set')}: probes[{i}]: `set` takes only "
+                                 f"`max_hits` and `then` (no `at`, `if`, `capture`, `when`)")
+            for spec in builtin_set(p["set"], vendor):
+                # A set's own limits, unless the playbook gives its own for the whole set.
+                if "max_hits" in p.lines:
+                    spec.max_hits = p["max_hits"]
+                if "then" in p.lines:
+                    spec.then = p["then"]
+                specs.append(spec)
             continue
         if not p["at"]:
             raise UsageError(f"{p.where()}: probes[{i}].at: missing (a function or FILE:LINE)")

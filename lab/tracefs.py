@@ -123,8 +123,9 @@ class TraceProbes:
     name = "tracefs"
 
     def __init__(self, ssh: SSHSession, specs: list[ProbeSpec], compiled: list[dict[str, Any]],
-                 t0: float, log: Any = print) -> None:
+                 t0: float, log: Any = print, trace_log: Path | None = None) -> None:
         self.ssh = ssh
+        self.trace_log = trace_log  # where the raw trace goes (the run's tracefs.log)
         self.specs = specs
         self.compiled = compiled
         self.t0 = t0
@@ -133,6 +134,12 @@ class TraceProbes:
         self.errors = {c["name"]: c["error"] for c in compiled}
         self.lines: dict[str, str] = {}  # event -> its kprobe_events line
         self.events: dict[str, tuple[ProbeSpec, int]] = {}  # event -> (probe, site)
+        for spec, c in zip(specs, compiled, strict=True):
+            if c["error"]:
+                continue
+            for i in range(len(c.get("sites") or [None])):
+                self.lines[event_name(spec.name, i)] = event_line(c, spec.at, i)
+                self.events[event_name(spec.name, i)] = (spec, i)
         self.clock: tuple[float, float] | None = None  # (host t, guest trace ts) at start
 
     def _sh(self, script: str, timeout: float = 60) -> str:
@@ -148,16 +155,12 @@ class TraceProbes:
         for spec, c in zip(self.specs, self.compiled, strict=True):
             if c["error"]:
                 self.log(f"probe {spec.name}: {c['error']}")
-                continue
-            for i in range(len(c.get("sites") or [None])):
-                line = event_line(c, spec.at, i)
-                ev = event_name(spec.name, i)
-                self.lines[ev] = line
-                self.events[ev] = (spec, i)
-                cmds.append(f"echo '{line}' >> {TRACE}/kprobe_events || "
-                            f"{{ echo \"{spec.name}: $(tail -3 {TRACE}/error_log)\"; }}")
-                cmds.append(f"[ -d {TRACE}/events/{GROUP}/{ev} ] && "
-                            f"echo 1 > {TRACE}/events/{GROUP}/{ev}/enable")
+        for ev, line in self.lines.items():
+            name = self.events[ev][0].name
+            cmds.append(f"echo '{line}' >> {TRACE}/kprobe_events || "
+                        f"{{ echo \"{name}: $(tail -3 {TRACE}/error_log)\"; }}")
+            cmds.append(f"[ -d {TRACE}/events/{GROUP}/{ev} ] && "
+                        f"echo 1 > {TRACE}/events/{GROUP}/{ev}/enable")
         cmds.append(f"echo 1 > {TRACE}/tracing_on")
         # The trace clock ("local", seconds since boot) against the host's, to place hits.
         cmds.append("cut -d' ' -f1 /proc/uptime")
@@ -188,6 +191,13 @@ class TraceProbes:
             cmds += [f"echo 0 > {TRACE}/events/{GROUP}/{ev}/enable",
                      f"echo '-:{GROUP}/{ev}' >> {TRACE}/kprobe_events"]
         text = self._sh("; ".join([*cmds, "true"]), timeout=300)
+        if self.trace_log is not None:
+            self.trace_log.write_text(text)
+        self.parse(text)
+
+    def parse(self, text: str) -> None:
+        """Turn the trace into hits: entries open one, ways out close it, hits of other
+        probes in between are `within` it."""
         compiled = {c["name"]: c for c in self.compiled}
         open_hit: dict[tuple[str, int], dict[str, Any]] = {}  # (probe, cpu) -> awaiting return
         for rec in parse_trace(text):

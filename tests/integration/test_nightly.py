@@ -1,5 +1,6 @@
-"""The nightly suite on this host, once: smoke, nested, invept (probes + both mutation suites)
-and invept with "L0 invalidates too little" injected, expected to fail."""
+"""The nightly suite on this host, once: smoke, nested, invept (probes + both mutation suites),
+invept-vmx (L0 under Bochs with emulated VMX: handle_invept by tracefs, the VMX suites) and
+invept with "L0 invalidates too little" injected, expected to fail."""
 
 from __future__ import annotations
 
@@ -15,6 +16,9 @@ import pytest
 from .helpers import lab
 
 pytestmark = pytest.mark.integration
+
+KVM_MMU_ROOTS_ALL = (1 << 64) - 1  # ~0UL in arch/x86/include/asm/kvm_host.h
+EPTP_PA_MASK = ((1 << 52) - 1) & ~0xFFF
 
 
 @pytest.fixture(scope="module")
@@ -39,8 +43,8 @@ def cases(rep: dict[str, Any]) -> dict[str, str]:
 def test_nightly_passes(nightly: tuple[Path, int, dict[str, Any]]) -> None:
     _, code, summary = nightly
     assert code == 0, summary
-    assert [r["met"] for r in summary["runs"]] == [True] * 4
-    assert [r["status"] for r in summary["runs"]] == ["passed"] * 3 + ["failed"]
+    assert [r["met"] for r in summary["runs"]] == [True] * 5
+    assert [r["status"] for r in summary["runs"]] == ["passed"] * 4 + ["failed"]
 
 
 def test_nested_playbook_in_the_suite(nightly: tuple[Path, int, dict[str, Any]]) -> None:
@@ -82,6 +86,58 @@ def test_invept_probes_capture_guest_mmu(nightly: tuple[Path, int, dict[str, Any
     assert rep["probe_timeline"]
 
 
+def test_invept_vmx_runs_the_vmx_suites_under_bochs(
+        nightly: tuple[Path, int, dict[str, Any]]) -> None:
+    rep = sub_report(nightly[2], "invept-vmx")
+    assert rep["status"] == "passed", rep.get("error")
+    assert rep["profile"] == "bochs-vmx" and rep["probe_backend"] == "tracefs"
+    assert rep["levels"]["l0"]["kernel"]["release"].endswith("-amd64")  # generic: e1000
+    steps = {s["name"]: s for s in rep["steps"]}
+    ept = {c["name"]: c["status"] for c in steps["bare-metal L1 EPT mutation suite (VMX)"]["cases"]}
+    assert {"vmx/remap-invept-single", "vmx/remap-invept-global",
+            "vmx/cached-root-single", "vmx/cached-root-global"} <= set(ept), ept
+    assert set(ept.values()) == {"passed"}, ept
+    # The negative control printed how many cases failed without INVEPT: at least one.
+    control = steps["the EPT suite fails without its INVEPTs (negative control)"]
+    assert control["status"] == "passed" and int(control["stdout"].split()[-1]) >= 1
+    mutate = steps["Linux L1 memory mutation suite"]
+    assert mutate["status"] == "passed" and len(mutate["cases"]) >= 5, mutate
+
+
+def test_handle_invept_hits_carry_type_and_roots(
+        nightly: tuple[Path, int, dict[str, Any]]) -> None:
+    rep = sub_report(nightly[2], "invept-vmx")
+    probes = {p["name"]: p for p in rep["probes"]}
+    hi, frees = probes["handle_invept"], probes["invept_free_roots"]
+    assert hi["error"] is None and frees["error"] is None, (hi["error"], frees["error"])
+    assert "handle_invept+0x" in hi["location"]  # the way out, compiled from DWARF and CFI
+    complete = [h for h in hi["hits"] if "return" in h["captures"] and h.get("within")]
+    assert complete, json.dumps(hi["hits"][:3], indent=1)[:3000]
+    types = set()
+    for h in complete:
+        after = h["captures"]["return"]["guest_mmu"]
+        for roots in (h["captures"]["entry"]["guest_mmu"], after):
+            assert set(roots) >= {"current", "previous", "active"} and roots["previous"]
+        inner = [frees["hits"][w["hit"] - 1] for w in h["within"]
+                 if w["probe"] == "invept_free_roots"]
+        assert inner, h
+        for f in inner:
+            c = f["captures"]["entry"]
+            types.add(c["type"])
+            assert c["type"] in (1, 2), c  # VMX_EPT_EXTENT_CONTEXT / _GLOBAL
+            if c["type"] == 2:
+                assert c["roots_to_free"] == KVM_MMU_ROOTS_ALL
+            else:
+                assert c["roots_to_free"] not in (0, KVM_MMU_ROOTS_ALL)
+            # What the fix is about: after the INVEPT, guest_mmu keeps no valid root for the
+            # EPTP it named (single-context), or none at all (global).
+            named = c["operand_eptp"] & EPTP_PA_MASK
+            left = [x for x in [after["current"], *after["previous"]]
+                    if x["valid"] and (c["type"] == 2 or x["pgd"] & EPTP_PA_MASK == named)]
+            assert not left, (c, after)
+    assert types == {1, 2}, f"expected single-context and global INVEPTs, saw {types}"
+
+
 def test_injected_bug_is_caught(nightly: tuple[Path, int, dict[str, Any]]) -> None:
     clean = cases(sub_report(nightly[2], "invept"))
     rep = sub_report(nightly[2], "invept-bug-injected")
@@ -101,7 +157,7 @@ def test_one_junit_for_the_ci_server(nightly: tuple[Path, int, dict[str, Any]]) 
     out = nightly[0]
     root = ET.parse(out / "junit.xml").getroot()
     names = [s.get("name") for s in root.findall("testsuite")]
-    assert names == ["smoke", "nested", "invept", "invept-bug-injected"]
+    assert names == ["smoke", "nested", "invept", "invept-vmx", "invept-bug-injected"]
     assert sum(int(s.get("failures", "0")) for s in root.findall("testsuite")) == 0
 
 

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
-from lab.probes import INVALID_PAGE
-from lab.tracefs import assemble, event_line, parse_trace
+import json
+from pathlib import Path
+
+from lab.probes import INVALID_PAGE, builtin_set
+from lab.tracefs import TraceProbes, assemble, event_line, parse_trace
 
 # Offsets as gdb computed them for Debian 6.1.0-56 (FACTS.md lists the same).
 COMPILED = {
@@ -50,3 +53,48 @@ def test_invalid_roots() -> None:
     fields.update(roots__cur_pgd=0, roots__mmu=1, roots__vcpu=0, nested_cr3__v=0)
     roots = assemble(COMPILED, fields)["roots"]
     assert roots["current"]["valid"] is False and roots["active"] is False
+
+
+# -- entries, ways out and calls: a recorded run of invept-vmx (Bochs L0, Debian 6.1.0-56) ------
+DATA = Path(__file__).resolve().parents[1] / "data"
+
+
+def recorded_probes() -> TraceProbes:
+    specs = builtin_set("invalidation", "intel")
+    compiled = json.loads((DATA / "tracefs-invept-compiled.json").read_text())
+    tp = TraceProbes(None, specs, compiled, t0=0.0, log=lambda m: None)  # type: ignore[arg-type]
+    tp.parse((DATA / "tracefs-invept.trace").read_text())
+    return tp
+
+
+def test_compiled_sites_are_entry_return_and_call() -> None:
+    tp = recorded_probes()
+    lines = tp.lines
+    assert lines["handle_invept"].startswith("p:lab/handle_invept kvm_intel:handle_invept ")
+    # the way out, where vcpu is in %rbx (DWARF) and the frame still allocated (CFI)
+    assert "kvm_intel:handle_invept+0x92 " in lines["handle_invept_1"]
+    assert "guest_mmu__cur_hpa=+0x468(%bx):x64" in lines["handle_invept_1"]
+    # the call of kvm_mmu_free_roots: its argument in %dx, handle_invept's locals beside it
+    free = lines["invept_free_roots"]
+    assert "kvm_intel:handle_invept+0x2e3 " in free
+    assert "roots_to_free__v=%dx:x64" in free and "type__v=%bp:x64" in free
+    assert "operand_eptp__v=+0x10(%sp):x64" in free
+
+
+def test_entries_pair_with_their_return_and_list_inner_hits() -> None:
+    res = {p["name"]: p for p in recorded_probes().results()}
+    hi, frees = res["handle_invept"]["hits"], res["invept_free_roots"]["hits"]
+    # The sample starts with a way out whose entry is not in it (ignored) and ends with an
+    # entry whose way out is not (no return capture).
+    assert len(hi) == 8 and len(frees) == 8
+    assert [("return" in h["captures"]) for h in hi] == [True] * 7 + [False]
+    assert [w for h in hi for w in h["within"]] == [
+        {"probe": "invept_free_roots", "hit": n} for n in range(1, 9)]
+    single, glob = frees[0]["captures"]["entry"], frees[5]["captures"]["entry"]
+    assert single["type"] == 1 and single["roots_to_free"] == 1 and single["operand_eptp"] == 0x801E
+    assert glob["type"] == 2 and glob["roots_to_free"] == INVALID_PAGE  # KVM_MMU_ROOTS_ALL
+    # the root the single-context INVEPT named is gone on return
+    before = hi[0]["captures"]["entry"]["guest_mmu"]["current"]
+    after = hi[0]["captures"]["return"]["guest_mmu"]["current"]
+    assert before["valid"] and before["pgd"] == 0x801E and not after["valid"]
+    assert hi[0]["return_site"] == "handle_invept+0x92"
