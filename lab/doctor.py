@@ -23,6 +23,9 @@ TOOLS: dict[str, tuple[str, str]] = {
     "seabios": ("/usr/share/seabios/bios-256k.bin", "seabios"),
     "gcc": ("gcc", "gcc"),
     "linux/kvm.h": ("/usr/include/linux/kvm.h", "linux-libc-dev"),
+    # tracefs probes (DWARF locations, call frames, relocations) and the kprobe module
+    "readelf": ("readelf", "binutils"),
+    "make": ("make", "make"),
 }
 
 # What the bochs-vmx profile needs besides the above (an L0 under Bochs boots from a CD).

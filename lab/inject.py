@@ -1,4 +1,8 @@
-"""Re-creating "L0 invalidates too little" in a running L0, through gdb.
+"""Re-creating "L0 invalidates too little" in a running L0: through gdb, or by a kprobe module.
+
+Where L0 has a gdbstub (QEMU), the bug goes in through gdb as below. Where it has none (Bochs,
+real machines), an injection that names a `kprobe` (TARGET returns at once when called from
+CALLER) loads lab/guest/inject/lab_inject.c, built for L0's kernel (lab/kmod.py), instead.
 
 Each injection finds its instructions by disassembling one KVM function and checking each
 candidate against what DWARF says (struct offsets, call targets), then overwrites them with a
@@ -11,10 +15,12 @@ from __future__ import annotations
 
 import re
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 from lab.errors import LabError
 from lab.gdb import GdbSession
+from lab.ssh import SSHSession
 
 NOP5 = "0f1f440000"
 KVM_REQ_MMU_SYNC = 8 + 3  # KVM_ARCH_REQ(3) in arch/x86/include/asm/kvm_host.h (4.x to 6.x)
@@ -39,6 +45,8 @@ class Injection:
     vendor: str
     function: str
     why: str
+    # (TARGET, CALLER) for the kprobe module: TARGET returns at once when CALLER calls it.
+    kprobe: tuple[str, str] | None = None
 
     def locate(self, gdb: GdbSession) -> list[Patch]:
         insns = disassemble(gdb, self.function)
@@ -92,7 +100,8 @@ INJECTIONS: dict[str, Injection] = {
         Injection(
             "skip-invept-free-roots", "intel", "handle_invept",
             "The seed's bug: handle_invept() decides which guest_mmu roots L1's INVEPT "
-            "invalidates and then does not free them, so L2 keeps L1's old EPT translations."),
+            "invalidates and then does not free them, so L2 keeps L1's old EPT translations.",
+            kprobe=("kvm_mmu_free_roots", "handle_invept")),
     )
 }
 ALIASES = {"invalidate-too-little": {"amd": "skip-nested-mmu-sync",
@@ -129,7 +138,35 @@ def restore(gdb: GdbSession, patches: list[Patch]) -> None:
 
 def describe(inj: Injection, patches: list[Patch]) -> dict[str, Any]:
     return {"name": inj.name, "vendor": inj.vendor, "function": inj.function, "why": inj.why,
-            "patches": [asdict(p) for p in patches]}
+            "mechanism": "gdb code patch", "patches": [asdict(p) for p in patches]}
+
+
+MODULE = "lab_inject"
+
+
+def load_module(ssh: SSHSession, ko: Path, inj: Injection) -> dict[str, Any]:
+    """Copy the kprobe module into L0 and load it for `inj`; what happened, for the report."""
+    assert inj.kprobe is not None
+    target, caller = inj.kprobe
+    remote = f"/tmp/{MODULE}.ko"
+    ssh.put(ko, remote)
+    r = ssh.run(f"insmod {remote} target={target} caller={caller} && "
+                f"dmesg | grep '{MODULE}:' | tail -1", timeout=120)
+    if r.exit_status != 0:
+        raise InjectionError(f"{inj.name}: insmod {MODULE} failed: "
+                             f"{(r.stderr or r.stdout).strip()[-300:]}")
+    return {"name": inj.name, "vendor": inj.vendor, "function": inj.function, "why": inj.why,
+            "mechanism": "kprobe module", "module": str(ko), "target": target,
+            "caller": caller, "loaded": r.stdout.strip(), "patches": []}
+
+
+def module_skipped(ssh: SSHSession) -> int | None:
+    """How many calls the kprobe module has skipped so far (None if unknown)."""
+    r = ssh.run(f"cat /sys/module/{MODULE}/parameters/skipped", timeout=30)
+    try:
+        return int(r.stdout.strip())
+    except ValueError:
+        return None
 
 
 def disassemble(gdb: GdbSession, function: str) -> list[dict[str, Any]]:

@@ -46,6 +46,10 @@ class KernelSource(Protocol):
 
     def fetch_debug(self, cache: Path) -> DebugFiles: ...
 
+    def fetch_build_dir(self, cache: Path) -> Path:
+        """Where `make -C DIR M=...` builds an out-of-tree module for this kernel."""
+        ...
+
 
 def _run(cmd: list[str], what: str, cwd: Path | None = None) -> str:
     try:
@@ -215,6 +219,39 @@ class DebianKernel:
                           module_root=base / "lib" / "modules" / rel / "kernel",
                           system_map=base / "boot" / f"System.map-{rel}")
 
+    def fetch_build_dir(self, cache: Path) -> Path:
+        """Debian's headers for this exact kernel (linux-headers-REL, its -common and
+        linux-kbuild), unpacked side by side in the cache: their symlinks are relative, and
+        the one absolute include in the Makefile is pointed at the cache."""
+        pkg = self._resolve()
+        rel = self.release()
+        hdr = apt_show(f"linux-headers-{rel}", pkg.version)
+        deps = _run(["apt-cache", "show", f"{hdr.name}={hdr.version}"],
+                    f"resolving {hdr.name} through apt")
+        m = re.search(r"^Depends: (.*)$", deps, re.M)
+        wanted = [hdr]
+        for dep in (m.group(1).split(",") if m else []):
+            dm = re.match(r"\s*(linux-(?:headers|kbuild)-[\w.+-]+)\s*\((?:=|>=)\s*([^)]+)\)",
+                          dep)
+            if dm:
+                wanted.append(apt_show(dm.group(1), dm.group(2).strip()))
+        root = cache / "headers" / f"{rel}_{pkg.version}"
+        with locked(cache / "headers" / f"{rel}.lock"):
+            if not root.exists():
+                tmp = root.with_name(root.name + ".tmp")
+                shutil.rmtree(tmp, ignore_errors=True)
+                for p in wanted:
+                    _extract(_download(p, cache / "downloads"), tmp / p.name)
+                merged = tmp / "root"
+                for p in wanted:
+                    _run(["cp", "-a", f"{tmp / p.name}/.", str(merged)], "merging headers")
+                    shutil.rmtree(tmp / p.name)
+                mk = merged / "usr" / "src" / f"linux-headers-{rel}" / "Makefile"
+                mk.write_text(mk.read_text().replace("include /usr/src/",
+                                                     f"include {root}/root/usr/src/"))
+                tmp.rename(root)
+        return root / "root" / "usr" / "src" / f"linux-headers-{rel}"
+
 
 @dataclass
 class TreeKernel:
@@ -250,6 +287,10 @@ class TreeKernel:
         smap = self.path / "System.map"
         return DebugFiles(vmlinux=vmlinux, module_root=self.path,
                           system_map=smap if smap.exists() else None)
+
+    def fetch_build_dir(self, cache: Path) -> Path:
+        self._check()
+        return self.path
 
 
 def module_index(root: Path) -> dict[str, Path]:

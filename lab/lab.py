@@ -85,6 +85,7 @@ class Lab:
         self.gdbstub_owner = "free"
         self.held: dict[str, Any] | None = None
         self._symbols: tuple[int, list[Any]] | None = None  # see _l0_symbols
+        self.l0_kernel: Any = None  # lab.kernel.KernelSource of L0, once built
         self.ready = False  # everything `lab up` promises is in place (boot, probes)
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -137,6 +138,8 @@ class Lab:
             st = self.levels[name]
             tree = self.kernel_tree if name == "l0" else None
             recipe = load_recipe(st.level.recipe, kernel_tree=tree)
+            if name == "l0":
+                self.l0_kernel = recipe.kernel  # what a module for L0 is built against
             st.image = builder.build(recipe, child=child)
             child = st.image
             self.report.levels[name] = {
@@ -400,10 +403,13 @@ class Lab:
         specs = self.pb.probe_specs(self.profile.vendor)
         if not specs and not self.pb.inject:
             return
+        gdb_injects = bool(self.pb.inject) and self.profile.has_gdbstub
+        if self.pb.inject and not gdb_injects:
+            self._inject_by_module()
         if self.pb.probe_backend == "tracefs":
             self._start_tracefs(specs)
             specs = []  # gdb, if needed at all, only injects
-            if not self.pb.inject:
+            if not gdb_injects:
                 return
         l0 = self.levels["l0"]
         assert l0.ssh is not None
@@ -437,6 +443,19 @@ class Lab:
                            "probe_sets": sorted({s.origin for s in specs})}
         self.log(f"gdb: attached to L0, {len(mods)} modules, ready {ready:.2f} s after attach; "
                  f"{len(specs)} probes armed ({', '.join(s.name for s in specs)})")
+
+    def _inject_by_module(self) -> None:
+        """No gdbstub: the bug goes in as a kprobe module built for L0's kernel."""
+        from lab import kmod
+
+        inj = inject.resolve(str(self.pb.inject), self.profile.vendor)
+        t = time.monotonic()
+        ko = kmod.build(inject.MODULE, self.l0_kernel.fetch_build_dir(self.cache), self.cache)
+        l0 = self.levels["l0"].ssh
+        assert l0 is not None
+        self.report.injection = inject.load_module(l0, ko, inj)
+        self.report.injection["seconds"] = round(time.monotonic() - t, 3)
+        self.log(f"injected {inj.name}: {self.report.injection['loaded']}")
 
     def _start_tracefs(self, specs: list[Any]) -> None:
         from lab.kernel import module_index
@@ -542,6 +561,10 @@ class Lab:
             self.stop_probes()
         except Exception as e:
             self.report.gdb["error"] = f"stopping probes: {e}"
+        inj, l0 = self.report.injection, self.levels["l0"].ssh
+        if inj and inj.get("mechanism") == "kprobe module" and l0 is not None:
+            with contextlib.suppress(Exception):
+                inj["skipped_calls"] = inject.module_skipped(l0)
         for st in reversed(list(self.levels.values())):
             if st.ssh is not None:
                 with contextlib.suppress(Exception):

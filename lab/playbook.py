@@ -136,9 +136,17 @@ class Playbook:
                              f"gdb cannot probe L0 under profile {profile.name} (it has no "
                              f"gdbstub); expected tracefs")
         if self.inject and not profile.has_gdbstub:
-            raise UsageError(f"{self.path}:{self.lines.get('inject', 1)}: inject: {self.inject} "
-                             f"patches L0 through gdb, and profile {profile.name} has no "
-                             "gdbstub")
+            from lab.inject import InjectionError, resolve
+
+            try:
+                by_module = resolve(self.inject, profile.vendor).kprobe is not None
+            except InjectionError as e:
+                raise UsageError(f"{self.path}:{self.lines.get('inject', 1)}: inject: {e}") \
+                    from None
+            if not by_module:
+                raise UsageError(f"{self.path}:{self.lines.get('inject', 1)}: inject: "
+                                 f"{self.inject} patches L0 through gdb, and profile "
+                                 f"{profile.name} has no gdbstub")
         return dataclasses.replace(self, levels=levels, probe_backend=backend)
 
     def probe_specs(self, vendor: str) -> list[Any]:

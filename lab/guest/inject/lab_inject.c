@@ -1,0 +1,107 @@
+// SPDX-License-Identifier: GPL-2.0-only
+/*
+ * lab_inject: make L0 invalidate too little without a debugger, for L0s that have no gdbstub
+ * (Bochs, real machines). A kprobe on TARGET makes it return at once when it is called from
+ * CALLER: `target=kvm_mmu_free_roots caller=handle_invept` is the seed's bug (handle_invept
+ * decides which guest_mmu roots L1's INVEPT names, and then they are not freed).
+ *
+ * Returning at once means resuming at a function that only returns (what the kernel's own
+ * override_function_with_return() does for error injection): the stack is untouched, so it
+ * works for int3 and ftrace-based kprobes alike, and the target's return address leads back
+ * into its caller. TARGET must return void (its caller expects nothing in %rax).
+ *
+ * /sys/module/lab_inject/parameters/skipped counts the calls skipped so far.
+ */
+#include <linux/atomic.h>
+#include <linux/kallsyms.h>
+#include <linux/kernel.h>
+#include <linux/kprobes.h>
+#include <linux/module.h>
+
+static char target[KSYM_NAME_LEN] = "kvm_mmu_free_roots";
+module_param_string(target, target, sizeof(target), 0444);
+MODULE_PARM_DESC(target, "the function to make return at once");
+static char caller[KSYM_NAME_LEN] = "handle_invept";
+module_param_string(caller, caller, sizeof(caller), 0444);
+MODULE_PARM_DESC(caller, "only when called from this function");
+
+static atomic_long_t skipped_calls;
+static int get_skipped(char *buf, const struct kernel_param *kp)
+{
+	return sysfs_emit(buf, "%ld\n", atomic_long_read(&skipped_calls));
+}
+static const struct kernel_param_ops skipped_ops = { .get = get_skipped };
+module_param_cb(skipped, &skipped_ops, NULL, 0444);
+
+static unsigned long caller_start, caller_end;
+
+static noinline void lab_just_return(void)
+{
+	asm volatile("");
+}
+
+static int pre(struct kprobe *p, struct pt_regs *regs)
+{
+	/* At the target's first instruction the stack's top is its return address. */
+	unsigned long ret = *(unsigned long *)kernel_stack_pointer(regs);
+
+	if (ret < caller_start || ret >= caller_end)
+		return 0;
+	atomic_long_inc(&skipped_calls);
+	instruction_pointer_set(regs, (unsigned long)lab_just_return);
+	return 1; /* regs->ip changed: do not run the probed instruction */
+}
+
+static struct kprobe kp = { .pre_handler = pre };
+
+/* Where CALLER is: a kprobe resolves its name, sprint_symbol() says its size. */
+static int locate_caller(void)
+{
+	struct kprobe probe = { .symbol_name = caller };
+	char buf[KSYM_SYMBOL_LEN], *slash;
+	unsigned long size;
+	int r = register_kprobe(&probe);
+
+	if (r)
+		return r;
+	caller_start = (unsigned long)probe.addr;
+	unregister_kprobe(&probe);
+	sprint_symbol(buf, caller_start);
+	slash = strchr(buf, '/');
+	if (!slash || kstrtoul(strsep(&slash, " ") + 1, 16, &size))
+		return -EINVAL;
+	/* buf is now NAME+0x0 with the size after the slash */
+	caller_end = caller_start + size;
+	return 0;
+}
+
+static int __init lab_inject_init(void)
+{
+	int r = locate_caller();
+
+	if (r) {
+		pr_err("lab_inject: cannot find caller %s: %d\n", caller, r);
+		return r;
+	}
+	kp.symbol_name = target;
+	r = register_kprobe(&kp);
+	if (r) {
+		pr_err("lab_inject: cannot probe %s: %d\n", target, r);
+		return r;
+	}
+	pr_info("lab_inject: %s returns at once when called from %s (%#lx-%#lx)\n",
+		target, caller, caller_start, caller_end);
+	return 0;
+}
+
+static void __exit lab_inject_exit(void)
+{
+	unregister_kprobe(&kp);
+	pr_info("lab_inject: %s restored after %ld skipped calls\n", target,
+		atomic_long_read(&skipped_calls));
+}
+
+module_init(lab_inject_init);
+module_exit(lab_inject_exit);
+MODULE_LICENSE("GPL");
+MODULE_DESCRIPTION("kvm-nested-lab: re-create 'L0 invalidates too little' by a kprobe");
