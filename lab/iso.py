@@ -14,20 +14,31 @@ from lab.errors import LabError
 
 # Debian's isolinux and syslinux-common packages.
 ISOLINUX_BIN = Path("/usr/lib/ISOLINUX/isolinux.bin")
-LDLINUX_C32 = Path("/usr/lib/syslinux/modules/bios/ldlinux.c32")
+SYSLINUX_MODULES = Path("/usr/lib/syslinux/modules/bios")
+LDLINUX_C32 = SYSLINUX_MODULES / "ldlinux.c32"
+# What syslinux's multiboot loader needs beside ldlinux.c32 (the PVH path, lab/pvh.py).
+MBOOT_C32 = ["mboot.c32", "libcom32.c32"]
 
 
-def isolinux_cfg(append: str) -> str:
+def isolinux_cfg(append: str, pvh: bool = False) -> str:
     # SERIAL 0: ISOLINUX's own messages go to COM1 too, so a boot that stalls before the
     # kernel still shows where on the lab's console.
-    return ("SERIAL 0 115200\nDEFAULT linux\nPROMPT 0\nTIMEOUT 0\nLABEL linux\n"
-            "  KERNEL /vmlinuz\n  INITRD /initrd.img\n"
-            f"  APPEND {append}\n")
+    head = "SERIAL 0 115200\nDEFAULT linux\nPROMPT 0\nTIMEOUT 0\nLABEL linux\n"
+    if pvh:
+        # mboot.c32 PROGRAM --- MODULE ARGS --- MODULE: the vmlinux module's arguments after
+        # its own name are the kernel's command line.
+        return head + ("  KERNEL /isolinux/mboot.c32\n"
+                       f"  APPEND /pvhboot.elf --- /vmlinux.elf {append} --- /initrd.img\n")
+    return head + f"  KERNEL /vmlinuz\n  INITRD /initrd.img\n  APPEND {append}\n"
 
 
-def make_boot_iso(kernel: Path, initrd: Path, append: str, dest: Path) -> Path:
-    """Write dest (an ISO9660 image booting `kernel` with `initrd` and `append`)."""
-    for f in (ISOLINUX_BIN, LDLINUX_C32):
+def make_boot_iso(kernel: Path, initrd: Path, append: str, dest: Path,
+                  pvh: tuple[Path, Path] | None = None) -> Path:
+    """Write dest (an ISO9660 image booting `kernel` with `initrd` and `append`); with
+    pvh=(loader, vmlinux ELF), through the kernel's PVH entry instead of the bzImage."""
+    needed = [ISOLINUX_BIN, LDLINUX_C32, *([SYSLINUX_MODULES / m for m in MBOOT_C32]
+                                           if pvh else [])]
+    for f in needed:
         if not f.exists():
             raise LabError(f"{f} is missing (Debian packages isolinux and syslinux-common; "
                            "see `lab doctor`)")
@@ -38,10 +49,14 @@ def make_boot_iso(kernel: Path, initrd: Path, append: str, dest: Path) -> Path:
     (tree / "isolinux").mkdir(parents=True)
     try:
         shutil.copyfile(ISOLINUX_BIN, tree / "isolinux" / "isolinux.bin")
-        shutil.copyfile(LDLINUX_C32, tree / "isolinux" / "ldlinux.c32")
-        (tree / "isolinux" / "isolinux.cfg").write_text(isolinux_cfg(append))
+        for f in needed[1:]:
+            shutil.copyfile(f, tree / "isolinux" / f.name)
+        (tree / "isolinux" / "isolinux.cfg").write_text(isolinux_cfg(append, pvh is not None))
+        files = [(initrd, "initrd.img")]
+        files += [(pvh[0], "pvhboot.elf"), (pvh[1], "vmlinux.elf")] if pvh else \
+            [(kernel, "vmlinuz")]
         # Hard links: the kernel and initramfs are big and must not be copied per boot.
-        for src, name in ((kernel, "vmlinuz"), (initrd, "initrd.img")):
+        for src, name in files:
             try:
                 (tree / name).hardlink_to(src)
             except OSError:

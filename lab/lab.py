@@ -198,6 +198,8 @@ class Lab:
                     continue
                 raise
         self._register()
+        if isinstance(self.vm, BochsVM):
+            self.report.levels["l0"]["boot"] = self.vm.boot  # "pvh" or "bzImage"
         for n in names:
             self.levels[n].console = self.vm.consoles[n]  # type: ignore[union-attr]
         if self.hold:
@@ -233,8 +235,10 @@ class Lab:
             cpus=st.level.cpus, kernel=str(st.image.kernel), initrd=str(st.image.initrd),
             append=self._append(st.level, nested=False), ssh_port=st.ssh_port,
             # COM1 is L0's own console; COM2 and COM3 relay L1's and L2's, as under QEMU.
-            serials={n: free_port() for n in names})
-        return BochsVM(spec, self.run_dir, self.sock_dir, self.cache, on_crash=self._on_crash)
+            serials={n: free_port() for n in names},
+            pvh=not st.level.kaslr)  # KASLR is the bzImage decompressor's work
+        return BochsVM(spec, self.run_dir, self.sock_dir, self.cache, on_crash=self._on_crash,
+                       log=self.log)
 
     def _await_level(self, name: str, since: int,
                      alive: Callable[[], None] | None = None) -> None:

@@ -282,7 +282,7 @@ def test_tracefs_probe_backend(tmp_path: Path) -> None:
     assert rep["probe_backend"] == "tracefs"
     assert any("+0x" in e for e in rep["gdb"]["kprobe_events"])  # offsets from DWARF
     exits, refused = rep["probes"]
-    assert "conditions are not supported" in refused["error"] and not refused["hits"]
+    assert "supports no conditions" in refused["error"] and not refused["hits"]
     assert exits["error"] is None and exits["hits"]
     pgds = set()
     for h in exits["hits"]:
