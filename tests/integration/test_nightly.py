@@ -92,6 +92,7 @@ def test_invept_vmx_runs_the_vmx_suites_under_bochs(
     assert rep["status"] == "passed", rep.get("error")
     assert rep["profile"] == "bochs-vmx" and rep["probe_backend"] == "tracefs"
     assert rep["levels"]["l0"]["kernel"]["release"].endswith("-amd64")  # generic: e1000
+    assert rep["levels"]["l0"]["boot"] == "pvh"  # no decompressor: lab/pvh.py
     steps = {s["name"]: s for s in rep["steps"]}
     ept = {c["name"]: c["status"] for c in steps["bare-metal L1 EPT mutation suite (VMX)"]["cases"]}
     assert {"vmx/remap-invept-single", "vmx/remap-invept-global",

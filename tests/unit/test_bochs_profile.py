@@ -3,11 +3,12 @@ command line, and how a playbook adapts to a profile without a gdbstub."""
 
 from __future__ import annotations
 
+import struct
 from pathlib import Path
 
 import pytest
 
-from lab import playbook
+from lab import playbook, pvh
 from lab.bochs import BochsSpec, render_bochsrc, render_slirp_conf
 from lab.errors import UsageError
 from lab.iso import isolinux_cfg
@@ -52,6 +53,38 @@ def test_slirp_is_restricted_and_forwards_from_loopback() -> None:
 def test_isolinux_passes_the_command_line() -> None:
     cfg = isolinux_cfg("console=ttyS0,115200 nokaslr lab.level=l0")
     assert "SERIAL 0 115200" in cfg and "APPEND console=ttyS0,115200 nokaslr lab.level=l0" in cfg
+    assert "KERNEL /vmlinuz" in cfg and "INITRD /initrd.img" in cfg
+    pvh = isolinux_cfg("console=ttyS0,115200 lab.level=l0", pvh=True)
+    assert "KERNEL /isolinux/mboot.c32" in pvh
+    assert ("APPEND /pvhboot.elf --- /vmlinux.elf console=ttyS0,115200 lab.level=l0 --- "
+            "/initrd.img") in pvh
+
+
+def elf_with_note(name: bytes, ntype: int) -> bytes:
+    """A minimal ELF64 with one PT_NOTE segment holding one note."""
+    desc = struct.pack("<Q", 0x1000850)
+    note = struct.pack("<III", len(name) + 1, len(desc), ntype) + name + b"\0" * (
+        4 - len(name) % 4) + desc
+    ehdr = bytearray(64)
+    ehdr[:5] = b"\x7fELF\x02"
+    struct.pack_into("<Q", ehdr, 0x20, 64)  # e_phoff
+    struct.pack_into("<HH", ehdr, 0x36, 56, 1)  # e_phentsize, e_phnum
+    phdr = struct.pack("<IIQQQQQQ", 4, 0, 64 + 56, 0, 0, len(note), len(note), 4)
+    return bytes(ehdr) + phdr + note
+
+
+def test_pvh_entry_is_found_in_the_elf_notes() -> None:
+    assert pvh._has_pvh_entry(elf_with_note(b"Xen", 18))
+    assert not pvh._has_pvh_entry(elf_with_note(b"Xen", 17))
+    assert not pvh._has_pvh_entry(elf_with_note(b"GNU", 18))
+    assert not pvh._has_pvh_entry(b"not an elf" + bytes(100))
+
+
+def test_a_bzimage_without_payload_pointer_is_refused(tmp_path: Path) -> None:
+    bz = tmp_path / "bzImage"
+    bz.write_bytes(bytes(4096))
+    with pytest.raises(pvh.NoPvh, match="not a bzImage"):
+        pvh.vmlinux_from_bzimage(bz, tmp_path / "cache")
 
 
 def test_playbook_under_bochs_takes_its_image_backend_and_time() -> None:

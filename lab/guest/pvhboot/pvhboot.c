@@ -203,7 +203,9 @@ void pvhboot_main(u32 magic, struct mb_info *mbi)
 		;
 }
 
-__asm__(".section .text\n"
+/* The entry: a stack, then pvhboot_main(magic, info) as the multiboot loader left them in
+ * %eax and %ebx. push/popsection: the compiler's own code must stay in .text. */
+__asm__(".pushsection .text\n"
 	".globl _start\n"
 	"_start:\n"
 	"  mov $stack_top, %esp\n"
@@ -212,7 +214,9 @@ __asm__(".section .text\n"
 	"  call pvhboot_main\n"
 	"1: hlt\n"
 	"  jmp 1b\n"
-	".section .bss\n"
+	".popsection\n"
+	".pushsection .bss\n"
 	".align 16\n"
 	"stack: .skip 16384\n"
-	"stack_top:\n");
+	"stack_top:\n"
+	".popsection\n");
