@@ -27,8 +27,9 @@ def report(run_dir: Path) -> dict[str, Any]:
     return data
 
 
-def qemu_pids(marker: str | None = None) -> list[int]:
-    """QEMU processes on this host (whose command line mentions `marker`, if given)."""
+def emulator_pids(binaries: tuple[str, ...], marker: str | None = None) -> list[int]:
+    """Processes on this host whose program is one of `binaries` (and whose command line
+    mentions `marker`, if given)."""
     pids = []
     for p in Path("/proc").iterdir():
         if not p.name.isdigit():
@@ -37,11 +38,19 @@ def qemu_pids(marker: str | None = None) -> list[int]:
             args = (p / "cmdline").read_bytes().split(b"\0")
         except OSError:
             continue
-        if not args or not args[0].endswith(b"qemu-system-x86_64"):
+        if not args or os.path.basename(args[0]).decode(errors="replace") not in binaries:
             continue
         if marker is None or any(marker.encode() in a for a in args):
             pids.append(int(p.name))
     return pids
+
+
+def qemu_pids(marker: str | None = None) -> list[int]:
+    return emulator_pids(("qemu-system-x86_64",), marker)
+
+
+def bochs_pids(marker: str | None = None) -> list[int]:
+    return emulator_pids(("bochs", "bochs-bin"), marker)
 
 
 def wait_state(run_dir: Path, status: str, timeout: float) -> dict[str, Any]:
@@ -57,10 +66,11 @@ def wait_state(run_dir: Path, status: str, timeout: float) -> dict[str, Any]:
     raise AssertionError(f"{run_dir}: state never became {status!r}")
 
 
-def gone(pid_marker: str, timeout: float = 15) -> bool:
+def gone(pid_marker: str, timeout: float = 15, pids: Any = qemu_pids) -> bool:
+    """Whether every process `pids` finds for the marker is gone within the timeout."""
     end = time.monotonic() + timeout
     while time.monotonic() < end:
-        if not qemu_pids(pid_marker):
+        if not pids(pid_marker):
             return True
         time.sleep(0.2)
     return False

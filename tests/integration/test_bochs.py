@@ -8,37 +8,17 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
-from .helpers import ROOT, lab, wait_state
+from .helpers import ROOT, bochs_pids, gone, lab, wait_state
 
 pytestmark = pytest.mark.integration
 
-def bochs_pids(marker: str | None = None) -> list[int]:
-    pids = []
-    for p in Path("/proc").iterdir():
-        if not p.name.isdigit():
-            continue
-        try:
-            args = (p / "cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if args and os.path.basename(args[0]) in (b"bochs", b"bochs-bin") and (
-                marker is None or any(marker.encode() in a for a in args)):
-            pids.append(int(p.name))
-    return pids
-
 
 def no_bochs_within(marker: str, timeout: float = 15) -> bool:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if not bochs_pids(marker):
-            return True
-        time.sleep(0.2)
-    return False
+    return gone(marker, timeout, pids=bochs_pids)
 
 
 def test_boot_failure_leaves_no_bochs(tmp_path: Path) -> None:
