@@ -193,7 +193,8 @@ class Lab:
             except LaunchError as e:
                 self.vm.stop()
                 # Another process may have taken a port between our probe and the bind.
-                port_race = "hostfwd" in e.output or "Address already in use" in e.output
+                port_race = any(w in e.output for w in ("hostfwd", "Address already in use",
+                                                        "bind"))
                 if port_race and attempt < 2:
                     continue
                 raise

@@ -140,7 +140,9 @@ class SSHSession:
         """
         t0 = time.monotonic()
         try:
-            chan = self.require().open_session(timeout=min(timeout, 30))
+            # A nested level under emulation can be slow to answer even a channel open when
+            # the host is busy (seen once: 30 s were not enough for L1 under TCG with L2 up).
+            chan = self.require().open_session(timeout=min(timeout, 120))
         except (paramiko.SSHException, OSError, EOFError) as e:
             raise SSHError(f"{self.level}: cannot open a session: {e}", level=self.level) from None
         out, err = bytearray(), bytearray()
