@@ -28,13 +28,27 @@ GDB_HELPER = r'''
 import base64, json
 import gdb
 
-def _lab_eval(b64):
+def _lab_eval(b64, caller=0):
+    """Evaluate each expression in the selected frame; with caller=1, what is not known
+    there is looked up in the calling frame (a probe on X called from F captures F's
+    variables, as the tracefs backend does at F's call of X)."""
     out = []
+    frame = gdb.selected_frame()
     for expr in json.loads(base64.b64decode(b64).decode()):
         try:
             out.append([True, str(gdb.parse_and_eval(expr))])
         except gdb.error as e:
-            out.append([False, str(e)])
+            older = frame.older() if caller else None
+            if older is None:
+                out.append([False, str(e)])
+                continue
+            try:
+                older.select()
+                out.append([True, str(gdb.parse_and_eval(expr))])
+            except gdb.error as e2:
+                out.append([False, f"{e}; in the caller: {e2}"])
+            finally:
+                frame.select()
     print("LAB-EVAL " + json.dumps(out))
 
 def _lab_save_args():
@@ -135,12 +149,14 @@ class GdbSession:
         _, streams = self.cmd(f'-interpreter-exec console "{c}"', timeout)
         return "".join(streams)
 
-    def evaluate(self, exprs: list[str], timeout: float = 60.0) -> list[tuple[bool, str]]:
-        """Evaluate expressions in the selected frame: (ok, value-or-error) for each."""
+    def evaluate(self, exprs: list[str], timeout: float = 60.0,
+                 caller: bool = False) -> list[tuple[bool, str]]:
+        """Evaluate expressions in the selected frame: (ok, value-or-error) for each; with
+        `caller`, what the frame does not know is looked up in its caller's."""
         if not exprs:
             return []
         b64 = base64.b64encode(json.dumps(exprs).encode()).decode()
-        text = self.console(f'python _lab_eval("{b64}")', timeout)
+        text = self.console(f'python _lab_eval("{b64}"{", 1" if caller else ""})', timeout)
         m = re.search(r"LAB-EVAL (\[.*\])", text, re.S)
         if not m:
             raise GdbError(f"gdb: evaluation helper said: {text.strip()[:300]}")

@@ -424,7 +424,9 @@ class GdbProbes:
             es = [rewrite_args(e, args) for e in c.exprs(self.layout)]
             spans.append((c, len(exprs), len(es)))
             exprs += es
-        values = self.gdb.evaluate(exprs)
+        # A probe on X "when called from F" may capture F's variables (see probes' docs).
+        caller = bool(re.match(r'^\s*\$_caller_is\(', p.spec.condition or ""))
+        values = self.gdb.evaluate(exprs, caller=caller)
         return {c.name: c.assemble(values[i:i + n], self.layout) for c, i, n in spans}
 
     def _finish(self) -> None:

@@ -309,3 +309,39 @@ def test_image_built_without_debug_symbols_gets_them_when_asked(tmp_path: Path) 
     assert r.stdout.split()[1] == out
     m = json.loads(manifest.read_text())
     assert m["debug"] and Path(m["debug"]["vmlinux"]).exists()
+
+
+CALLER_FRAME = """\
+name: caller-frame
+topology:
+  l0: {image: %s}
+probes:
+  - name: unload
+    at: kvm_mmu_free_roots
+    if: $_caller_is("kvm_mmu_unload", 1)
+    capture: {roots_to_free: roots_to_free, vcpu_id: vcpu->vcpu_id}
+    max_hits: 2
+  - name: anywhere
+    at: kvm_mmu_free_roots
+    capture: {vcpu_id: vcpu->vcpu_id}
+    max_hits: 1
+steps:
+  - {name: a VM comes and goes, run: svm-npt-test -n 2 cached-root}
+"""
+
+
+def test_gdb_probe_captures_the_callers_variables(tmp_path: Path) -> None:
+    """A probe on X `if: $_caller_is("F", 1)` may capture F's variables (the VMX set does:
+    handle_invept's INVEPT type at its call of kvm_mmu_free_roots); other probes may not."""
+    prof = json.loads(lab("doctor", "--json").stdout)["profile"]
+    if prof == "kvm-vmx":
+        pytest.skip("svm-npt-test runs no VM on VMX hosts")
+    out = tmp_path / "run"
+    r = lab("run", str(playbook(tmp_path, CALLER_FRAME)), "--out", str(out), timeout=600)
+    assert r.returncode == 0, r.stdout + r.stderr
+    probes = {p["name"]: p for p in report(out)["probes"]}
+    hits = probes["unload"]["hits"]
+    assert hits and all(h["captures"]["entry"]["vcpu_id"] == 0 for h in hits)
+    assert all(h["captures"]["entry"]["roots_to_free"] == (1 << 64) - 1 for h in hits)
+    other = probes["anywhere"]["hits"][0]["captures"]["entry"]["vcpu_id"]
+    assert isinstance(other, dict) and "vcpu" in other.get("error", ""), other
