@@ -8,9 +8,10 @@ as the same records.
 
 Return probes cannot fetch entry arguments, so `when: return` becomes one kprobe per way out
 of the function, at the last instruction where DWARF still locates what the captures need
-(locals included); `if: $_caller_is("F", 1)` becomes one kprobe per call in F. What tracing
-cannot do, it says per probe (error), instead of guessing: other conditions (a filter compares
-a field with a constant, not two fields) and expressions beyond VAR->field chains.
+(locals included); `if: $_caller_is("F", 1)` becomes one kprobe per call in F; comparisons of
+an expression with a number, joined by && or ||, become the event's filter. What tracing
+cannot do, it says per probe (error), instead of guessing: comparing two fields, and
+expressions beyond VAR->field chains.
 """
 
 from __future__ import annotations
@@ -69,7 +70,7 @@ def event_line(compiled: dict[str, Any], at: str, site: int = 0) -> str:
     s = sites[site]
     where = s["func"] + (f"+{s['offset']:#x}" if s["offset"] else "")
     target = f"{compiled['module']}:{where}" if compiled.get("module") else where
-    args = []
+    args = [f"{name}={fetch}" for name, fetch in (s.get("if_fetch") or {}).items()]
     for cname, cap in s["captures"].items():
         for field, fetch in cap["fetch"].items():
             args.append(f"{_field(cname, field)}={fetch}")
@@ -156,9 +157,13 @@ class TraceProbes:
             if c["error"]:
                 self.log(f"probe {spec.name}: {c['error']}")
         for ev, line in self.lines.items():
-            name = self.events[ev][0].name
+            spec, i = self.events[ev]
             cmds.append(f"echo '{line}' >> {TRACE}/kprobe_events || "
-                        f"{{ echo \"{name}: $(tail -3 {TRACE}/error_log)\"; }}")
+                        f"{{ echo \"{spec.name}: $(tail -3 {TRACE}/error_log)\"; }}")
+            filt = self._site(spec, i).get("filter")
+            if filt:  # the probe's condition, compiled (lab/guest/tracefs_compile.py)
+                cmds.append(f"echo '{filt}' > {TRACE}/events/{GROUP}/{ev}/filter || "
+                            f"echo \"{spec.name}: filter {filt!r} refused\"")
             cmds.append(f"[ -d {TRACE}/events/{GROUP}/{ev} ] && "
                         f"echo 1 > {TRACE}/events/{GROUP}/{ev}/enable")
         cmds.append(f"echo 1 > {TRACE}/tracing_on")

@@ -417,6 +417,51 @@ def caller_sites(callee, caller_name, bases, captures):
     return caller, sites
 
 
+COMPARE = re.compile(r"^(.+?)\s*(==|!=|<=|>=|<|(?<!-)>)\s*(.+)$")  # not the > of ->
+NUMBER = re.compile(r"^-?(0x[0-9a-fA-F]+|\d+)$")
+
+
+def split_condition(cond):
+    """-> (caller or None, [terms], [connectors]) of a condition made of comparisons joined
+    by && or || (no parentheses): what a kprobe event filter can say."""
+    parts = re.split(r"\s*(&&|\|\|)\s*", cond.strip())
+    terms, joins = parts[0::2], parts[1::2]
+    caller = None
+    for i, t in enumerate(terms):
+        m = CALLER.match(t)
+        if m:
+            if caller or any(j != "&&" for j in joins):
+                raise Fail("$_caller_is combines with other conditions by && only")
+            caller = m.group(1)
+            terms = terms[:i] + terms[i + 1:]
+            joins = joins[:len(terms) - 1] if terms else []
+            break
+    return caller, terms, joins
+
+
+def compile_filter(terms, joins, env):
+    """-> ({field: fetch}, filter): each term VAR-chain OP NUMBER (either way round) becomes
+    a fetched field `ifN` compared in the event's filter."""
+    fetches, parts = {}, []
+    flip = {"<": ">", ">": "<", "<=": ">=", ">=": "<=", "==": "==", "!=": "!="}
+    for i, t in enumerate(terms):
+        m = COMPARE.match(t)
+        if not m:
+            raise Fail(f"cannot trace the condition {t!r}: expected EXPR OP NUMBER")
+        lhs, op, rhs = m.group(1).strip(), m.group(2), m.group(3).strip()
+        if NUMBER.match(lhs) and not NUMBER.match(rhs):
+            lhs, rhs, op = rhs, lhs, flip[op]
+        if not NUMBER.match(rhs):
+            raise Fail(f"cannot trace the condition {t!r}: a kprobe filter compares a field "
+                       "with a number, not two fields")
+        fetches[f"if{i}"] = fetch(*compile_expr(lhs, env))
+        parts.append(f"if{i} {op} {rhs}")
+    text = parts[0] if parts else ""
+    for j, part in zip(joins, parts[1:], strict=True):
+        text += f" {j} {part}"
+    return fetches, text
+
+
 def main():
     req = json.loads(os.environ["LAB_TRACEFS_REQUEST"])
     bases = {k: int(v) for k, v in req.get("bases", {}).items()}
@@ -428,22 +473,27 @@ def main():
             res["module"], res["args"] = fn.module, [a for a, _ in fn.args]
             when = p.get("when") or ["entry"]
             cond = p.get("condition")
-            caller = CALLER.match(cond) if cond else None
-            if cond and not caller:
-                raise Fail("the tracefs backend supports no conditions but "
-                           '$_caller_is("FUNCTION", 1)')
+            caller, terms, joins = split_condition(cond) if cond else (None, [], [])
             if caller:
                 if when != ["entry"]:
                     raise Fail("a $_caller_is probe captures on entry only")
-                site_fn, sites = caller_sites(fn, caller.group(1), bases, p["captures"])
+                site_fn, sites = caller_sites(fn, caller, bases, p["captures"])
                 res["module"] = site_fn.module
+                # The filter's variables are the callee's arguments, as at its entry.
+                ifs, filt = compile_filter(terms, joins, fn.entry_env())
                 res["sites"] = [{"func": site_fn.name, "offset": o, "when": "entry",
-                                 "captures": c} for o, c in sites]
+                                 "captures": c, "if_fetch": ifs, "filter": filt}
+                                for o, c in sites]
             else:
+                # The condition decides at entry; a way out pairs only with a kept entry.
+                ifs, filt = compile_filter(terms, joins, fn.entry_env())
                 if "entry" in when:
                     res["sites"].append({"func": fn.name, "offset": 0, "when": "entry",
                                          "captures": compile_captures(p["captures"],
-                                                                      fn.entry_env())})
+                                                                      fn.entry_env()),
+                                         "if_fetch": ifs, "filter": filt})
+                elif filt:
+                    raise Fail("a condition needs the entry: `when` must include entry")
                 if "return" in when:
                     res["sites"] += [{"func": fn.name, "offset": o, "when": "return",
                                       "captures": c} for o, c in return_sites(fn, p["captures"])]

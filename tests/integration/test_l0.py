@@ -266,6 +266,11 @@ probes:
     at: kvm_mmu_sync_roots
     if: vcpu->arch.mmu == &vcpu->arch.guest_mmu
     capture: {roots: guest_mmu(vcpu)}
+  - name: one-cr3
+    at: nested_svm_vmexit
+    if: svm->nested.ctl.nested_cr3 == 0xc000 && svm->vcpu.vcpu_id < 1
+    capture: {nested_cr3: svm->nested.ctl.nested_cr3}
+    max_hits: 50
 steps:
   - {name: bare-metal L1 with two nested CR3s, run: svm-npt-test -n 5 cached-root}
 """
@@ -281,8 +286,11 @@ def test_tracefs_probe_backend(tmp_path: Path) -> None:
     rep = report(out)
     assert rep["probe_backend"] == "tracefs"
     assert any("+0x" in e for e in rep["gdb"]["kprobe_events"])  # offsets from DWARF
-    exits, refused = rep["probes"]
-    assert "supports no conditions" in refused["error"] and not refused["hits"]
+    exits, refused, filtered = rep["probes"]
+    assert "not two fields" in refused["error"] and not refused["hits"]
+    # A condition of a field and a number is the event's filter: only that CR3 comes back.
+    assert filtered["error"] is None and filtered["hits"]
+    assert {h["captures"]["entry"]["nested_cr3"] for h in filtered["hits"]} == {0xC000}
     assert exits["error"] is None and exits["hits"]
     pgds = set()
     for h in exits["hits"]:

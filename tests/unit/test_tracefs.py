@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from lab.probes import INVALID_PAGE, builtin_set
+from lab.probes import INVALID_PAGE, ProbeSpec, builtin_set
 from lab.tracefs import TraceProbes, assemble, event_line, parse_trace
 
 # Offsets as gdb computed them for Debian 6.1.0-56 (FACTS.md lists the same).
@@ -98,3 +98,16 @@ def test_entries_pair_with_their_return_and_list_inner_hits() -> None:
     after = hi[0]["captures"]["return"]["guest_mmu"]["current"]
     assert before["valid"] and before["pgd"] == 0x801E and not after["valid"]
     assert hi[0]["return_site"] == "handle_invept+0x92"
+
+
+def test_a_condition_becomes_fetched_fields_and_a_filter() -> None:
+    compiled = {"name": "one", "module": "kvm_amd", "error": None, "captures": {},
+                "sites": [{"func": "nested_svm_vmexit", "offset": 0, "when": "entry",
+                           "captures": COMPILED["captures"],
+                           "if_fetch": {"if0": "+0x1af0(%di):x64"},
+                           "filter": "if0 == 0xc000"}]}
+    line = event_line(compiled, "nested_svm_vmexit")
+    assert line.startswith("p:lab/one kvm_amd:nested_svm_vmexit if0=+0x1af0(%di):x64 ")
+    tp = TraceProbes(None, [ProbeSpec("one", "nested_svm_vmexit")], [compiled],  # type: ignore[arg-type]
+                     t0=0.0, log=lambda m: None)
+    assert tp._site(tp.events["one"][0], 0)["filter"] == "if0 == 0xc000"
