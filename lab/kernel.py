@@ -225,19 +225,19 @@ class DebianKernel:
         the one absolute include in the Makefile is pointed at the cache."""
         pkg = self._resolve()
         rel = self.release()
-        hdr = apt_show(f"linux-headers-{rel}", pkg.version)
-        deps = _run(["apt-cache", "show", f"{hdr.name}={hdr.version}"],
-                    f"resolving {hdr.name} through apt")
-        m = re.search(r"^Depends: (.*)$", deps, re.M)
-        wanted = [hdr]
-        for dep in (m.group(1).split(",") if m else []):
-            dm = re.match(r"\s*(linux-(?:headers|kbuild)-[\w.+-]+)\s*\((?:=|>=)\s*([^)]+)\)",
-                          dep)
-            if dm:
-                wanted.append(apt_show(dm.group(1), dm.group(2).strip()))
         root = cache / "headers" / f"{rel}_{pkg.version}"
         with locked(cache / "headers" / f"{rel}.lock"):
-            if not root.exists():
+            if not root.exists():  # apt is asked only the first time
+                hdr = apt_show(f"linux-headers-{rel}", pkg.version)
+                deps = _run(["apt-cache", "show", f"{hdr.name}={hdr.version}"],
+                            f"resolving {hdr.name} through apt")
+                m = re.search(r"^Depends: (.*)$", deps, re.M)
+                wanted = [hdr]
+                for dep in (m.group(1).split(",") if m else []):
+                    dm = re.match(r"\s*(linux-(?:headers|kbuild)-[\w.+-]+)\s*"
+                                  r"\((?:=|>=)\s*([^)]+)\)", dep)
+                    if dm:
+                        wanted.append(apt_show(dm.group(1), dm.group(2).strip()))
                 tmp = root.with_name(root.name + ".tmp")
                 shutil.rmtree(tmp, ignore_errors=True)
                 for p in wanted:

@@ -64,10 +64,14 @@ def event_name(probe: str, site: int = 0) -> str:
     return base if site == 0 else f"{base}_{site}"
 
 
+def sites_of(compiled: dict[str, Any], at: str) -> list[dict[str, Any]]:
+    """Where a compiled probe fires; one entry site at `at` if the compiler named none."""
+    return compiled.get("sites") or [{"func": at, "offset": 0, "when": "entry",
+                                      "captures": compiled["captures"]}]
+
+
 def event_line(compiled: dict[str, Any], at: str, site: int = 0) -> str:
-    sites = compiled.get("sites") or [{"func": at, "offset": 0,
-                                       "captures": compiled["captures"]}]
-    s = sites[site]
+    s = sites_of(compiled, at)[site]
     where = s["func"] + (f"+{s['offset']:#x}" if s["offset"] else "")
     target = f"{compiled['module']}:{where}" if compiled.get("module") else where
     args = [f"{name}={fetch}" for name, fetch in (s.get("if_fetch") or {}).items()]
@@ -96,10 +100,10 @@ def parse_trace(text: str) -> list[dict[str, Any]]:
     return out
 
 
-def assemble(compiled: dict[str, Any], fields: dict[str, int],
-             captures: dict[str, Any] | None = None) -> dict[str, Any]:
+def assemble(captures: dict[str, Any], fields: dict[str, int]) -> dict[str, Any]:
+    """One site's compiled captures, filled in from one trace record's fields."""
     caps: dict[str, Any] = {}
-    for cname, cap in (captures if captures is not None else compiled["captures"]).items():
+    for cname, cap in captures.items():
         def get(part: str, cname: str = cname) -> int:
             return fields[_field(cname, part)]
 
@@ -134,13 +138,14 @@ class TraceProbes:
         self.hits: dict[str, list[dict[str, Any]]] = {s.name: [] for s in specs}
         self.errors = {c["name"]: c["error"] for c in compiled}
         self.lines: dict[str, str] = {}  # event -> its kprobe_events line
-        self.events: dict[str, tuple[ProbeSpec, int]] = {}  # event -> (probe, site)
+        # event -> (its probe, its site): looked up once per trace record
+        self.events: dict[str, tuple[ProbeSpec, dict[str, Any]]] = {}
         for spec, c in zip(specs, compiled, strict=True):
             if c["error"]:
                 continue
-            for i in range(len(c.get("sites") or [None])):
+            for i, site in enumerate(sites_of(c, spec.at)):
                 self.lines[event_name(spec.name, i)] = event_line(c, spec.at, i)
-                self.events[event_name(spec.name, i)] = (spec, i)
+                self.events[event_name(spec.name, i)] = (spec, site)
         self.clock: tuple[float, float] | None = None  # (host t, guest trace ts) at start
 
     def _sh(self, script: str, timeout: float = 60) -> str:
@@ -157,10 +162,10 @@ class TraceProbes:
             if c["error"]:
                 self.log(f"probe {spec.name}: {c['error']}")
         for ev, line in self.lines.items():
-            spec, i = self.events[ev]
+            spec, site = self.events[ev]
             cmds.append(f"echo '{line}' >> {TRACE}/kprobe_events || "
                         f"{{ echo \"{spec.name}: $(tail -3 {TRACE}/error_log)\"; }}")
-            filt = self._site(spec, i).get("filter")
+            filt = site.get("filter")
             if filt:  # the probe's condition, compiled (lab/guest/tracefs_compile.py)
                 cmds.append(f"echo '{filt}' > {TRACE}/events/{GROUP}/{ev}/filter || "
                             f"echo \"{spec.name}: filter {filt!r} refused\"")
@@ -183,12 +188,6 @@ class TraceProbes:
         self.log(f"tracefs: {len(self.lines)} kprobe events in L0 "
                  f"({', '.join(self.lines) or 'none'})")
 
-    def _site(self, spec: ProbeSpec, i: int) -> dict[str, Any]:
-        c = next(c for c in self.compiled if c["name"] == spec.name)
-        sites = c.get("sites") or [{"when": "entry", "captures": c["captures"], "offset": 0,
-                                    "func": spec.at}]
-        return sites[i]
-
     def stop(self) -> None:
         # Take down only the lab's own events; anything else in kprobe_events stays.
         cmds = [f"echo 0 > {TRACE}/tracing_on", f"cat {TRACE}/trace"]
@@ -203,14 +202,12 @@ class TraceProbes:
     def parse(self, text: str) -> None:
         """Turn the trace into hits: entries open one, ways out close it, hits of other
         probes in between are `within` it."""
-        compiled = {c["name"]: c for c in self.compiled}
         open_hit: dict[tuple[str, int], dict[str, Any]] = {}  # (probe, cpu) -> awaiting return
         for rec in parse_trace(text):
             if rec["event"] not in self.events:
                 continue
-            spec, i = self.events[rec["event"]]
-            site = self._site(spec, i)
-            caps = assemble(compiled[spec.name], rec["fields"], site["captures"])
+            spec, site = self.events[rec["event"]]
+            caps = assemble(site["captures"], rec["fields"])
             hits = self.hits[spec.name]
             if site["when"] == "return":
                 # The way out belongs to the latest entry on the same CPU without one.

@@ -43,6 +43,12 @@ def playbook(tmp_path: Path, text: str) -> Path:
     return p
 
 
+def skip_on_vmx_host(reason: str) -> None:
+    """These tests drive SVM code in L0; a VMX host (kvm-vmx) has none to drive."""
+    if json.loads(lab("doctor", "--json").stdout)["profile"] == "kvm-vmx":
+        pytest.skip(reason)
+
+
 def test_doctor_picks_a_profile() -> None:
     r = lab("doctor", "--json", check=True)
     d = json.loads(r.stdout)
@@ -277,9 +283,7 @@ steps:
 
 
 def test_tracefs_probe_backend(tmp_path: Path) -> None:
-    prof = json.loads(lab("doctor", "--json").stdout)["profile"]
-    if prof == "kvm-vmx":
-        pytest.skip("the traced function is SVM's; this host runs VMX")
+    skip_on_vmx_host("the traced function is SVM's; this host runs VMX")
     out = tmp_path / "run"
     r = lab("run", str(playbook(tmp_path, TRACED)), "--out", str(out), timeout=600)
     assert r.returncode == 0, r.stdout + r.stderr
@@ -341,9 +345,7 @@ steps:
 def test_gdb_probe_captures_the_callers_variables(tmp_path: Path) -> None:
     """A probe on X `if: $_caller_is("F", 1)` may capture F's variables (the VMX set does:
     handle_invept's INVEPT type at its call of kvm_mmu_free_roots); other probes may not."""
-    prof = json.loads(lab("doctor", "--json").stdout)["profile"]
-    if prof == "kvm-vmx":
-        pytest.skip("svm-npt-test runs no VM on VMX hosts")
+    skip_on_vmx_host("svm-npt-test runs no VM on VMX hosts")
     out = tmp_path / "run"
     r = lab("run", str(playbook(tmp_path, CALLER_FRAME)), "--out", str(out), timeout=600)
     assert r.returncode == 0, r.stdout + r.stderr

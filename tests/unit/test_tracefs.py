@@ -39,7 +39,7 @@ def test_event_line() -> None:
 def test_parse_and_assemble() -> None:
     recs = parse_trace(TRACE)
     assert len(recs) == 1 and recs[0]["event"] == "exits" and recs[0]["ts"] == 4.890783
-    caps = assemble(COMPILED, recs[0]["fields"])
+    caps = assemble(COMPILED["captures"], recs[0]["fields"])
     assert caps["nested_cr3"] == 0xC000
     roots = caps["roots"]
     assert roots["current"] == {"pgd": 0xC000, "hpa": 0x6B55000, "valid": True}
@@ -51,7 +51,7 @@ def test_parse_and_assemble() -> None:
 def test_invalid_roots() -> None:
     fields = {f"roots__{k}": INVALID_PAGE for k in ("cur_hpa", "p0_pgd", "p0_hpa")}
     fields.update(roots__cur_pgd=0, roots__mmu=1, roots__vcpu=0, nested_cr3__v=0)
-    roots = assemble(COMPILED, fields)["roots"]
+    roots = assemble(COMPILED["captures"], fields)["roots"]
     assert roots["current"]["valid"] is False and roots["active"] is False
 
 
@@ -110,4 +110,4 @@ def test_a_condition_becomes_fetched_fields_and_a_filter() -> None:
     assert line.startswith("p:lab/one kvm_amd:nested_svm_vmexit if0=+0x1af0(%di):x64 ")
     tp = TraceProbes(None, [ProbeSpec("one", "nested_svm_vmexit")], [compiled],  # type: ignore[arg-type]
                      t0=0.0, log=lambda m: None)
-    assert tp._site(tp.events["one"][0], 0)["filter"] == "if0 == 0xc000"
+    assert tp.events["one"][1]["filter"] == "if0 == 0xc000"
