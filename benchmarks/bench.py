@@ -8,6 +8,11 @@
     .venv/bin/python benchmarks/bench.py bochs    # nested.yaml under bochs-vmx vs tcg-svm
     .venv/bin/python benchmarks/bench.py hitcost  # a probe hit: kprobe event vs gdb stop, same L0
                                                   # (--profile bochs-vmx: the kprobe cost there)
+    .venv/bin/python benchmarks/bench.py chain [--variant NAME ...] [-n N] [--cpu-quota F]
+        # the nested chain's timeline under controlled variations of the nested levels' QEMU
+        # and kernel arguments, with what L2's boot costs: exits seen by L0's and L1's KVM,
+        # TCG's full TLB flushes (QMP `info jit`), the host's steal time, each level's dmesg.
+        # --cpu-quota 0.5 runs the lab in a cgroup capped at half a core: a slower host.
 
 Each prints one JSON object. Run one at a time on a 2-core machine.
 """
@@ -283,14 +288,124 @@ def bench_hitcost(profile: str) -> dict[str, object]:
     return res
 
 
+# Variations of what the nested levels get (Profile.nested_qemu_args / nested_append), one
+# change at a time; "profile" is what the tcg-svm profile ships with.
+CHAIN_VARIANTS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    "bare": ((), ()),
+    "no-hpet": (("-no-hpet",), ()),
+    "hpet-disable": ((), ("hpet=disable",)),
+    "no-hpet+pit-discard": (("-no-hpet", "-global", "kvm-pit.lost_tick_policy=discard"), ()),
+    "no-timer-check": ((), ("no_timer_check",)),
+    "tsc-reliable": ((), ("tsc=reliable",)),
+}
+
+
+def _chain_counters(lab: object) -> dict[str, float]:
+    """What the chain has cost so far: L0's and L1's KVM exit counters, TCG's TLB flushes,
+    the host's steal and total CPU time (jiffies)."""
+    from lab.lab import Lab
+
+    assert isinstance(lab, Lab)
+    out: dict[str, float] = {}
+    for lv in ("l0", "l1"):
+        ssh = lab.levels[lv].ssh
+        if ssh is None:
+            continue
+        r = ssh.run("cd /sys/kernel/debug/kvm && for f in exits io_exits mmio_exits "
+                    "halt_exits nested_run irq_injections; do echo $f $(cat $f); done",
+                    timeout=60)
+        for ln in r.stdout.split("\n"):
+            if ln.strip():
+                k, v = ln.split()
+                out[f"{lv}_kvm_{k}"] = float(v)
+    vm = lab.vm
+    if vm is not None and getattr(vm, "qmp", None) is not None:
+        jit = vm.qmp.execute("human-monitor-command", **{"command-line": "info jit"})
+        for ln in str(jit).splitlines():
+            for key in ("TLB full flushes", "TLB partial flushes", "TB flush count"):
+                if ln.strip().startswith(key):
+                    out["tcg_" + key.lower().replace(" ", "_")] = float(ln.split()[-1])
+    cpu = Path("/proc/stat").read_text().split("\n")[0].split()[1:]
+    out["host_steal_jiffies"] = float(cpu[7])
+    out["host_busy_jiffies"] = float(sum(int(x) for x in cpu[:3]))
+    return out
+
+
+def chain_once(variant: str, out: Path) -> dict[str, object]:
+    from dataclasses import replace
+
+    from lab import playbook
+    from lab.lab import Lab
+
+    qargs, append = CHAIN_VARIANTS.get(variant, (None, None))  # type: ignore[assignment]
+    prof = get_profile("tcg-svm")
+    if qargs is not None:
+        prof = replace(prof, nested_qemu_args=qargs, nested_append=append)
+    pb = playbook.load(ROOT / "playbooks" / "nested.yaml")
+    res: dict[str, object] = {"variant": variant, "nested_qemu_args": prof.nested_qemu_args,
+                              "nested_append": prof.nested_append}
+    with Lab(pb, out, prof, cache_root(), log=lambda m: None) as lab:
+        lab.build()
+        t = time.monotonic()
+        lab.boot_level("l0")
+        lab.boot_level("l1")
+        before = _chain_counters(lab)
+        lab.boot_level("l2")
+        after = _chain_counters(lab)
+        res["boot_s"] = round(time.monotonic() - t, 3)
+        res["l2_boot_cost"] = {k: round(after[k] - before.get(k, 0)) for k in after}
+        tl = {n: st.timeline for n, st in lab.levels.items()}
+        res["since_launch_s"] = {
+            n: {k: round(v - t_["launch"], 2) for k, v in t_.items() if k != "launch"}
+            for n, t_ in tl.items()}
+        l1 = res["since_launch_s"]["l1"]  # type: ignore[index]
+        l2 = res["since_launch_s"]["l2"]  # type: ignore[index]
+        res["l2_over_l1_ssh"] = round(l2["ssh_ready"] / l1["ssh_ready"], 2)
+        for n, st in lab.levels.items():
+            assert st.ssh is not None
+            dm = st.ssh.run("dmesg", timeout=60).stdout
+            (out / f"{n}.dmesg").write_text(dm)
+            last = [ln for ln in dm.splitlines() if ln.startswith("[")]
+            res.setdefault("kernel_boot_s", {})[n] = (  # type: ignore[index]
+                float(last[-1][1:].split("]")[0]) if last else None)
+    return res
+
+
+def bench_chain(variants: list[str], n: int, quota: float | None) -> dict[str, object]:
+    if quota:
+        # A slower host, made here: this process and every QEMU it starts share `quota` cores.
+        cg = Path("/sys/fs/cgroup/cpu/lab-bench")
+        cg.mkdir(exist_ok=True)
+        (cg / "cpu.cfs_quota_us").write_text(str(int(quota * 100000)))
+        (cg / "cgroup.procs").write_text(str(os.getpid()))
+    runs = []
+    with tempfile.TemporaryDirectory() as d:
+        for i in range(n):
+            for v in variants:
+                runs.append(chain_once(v, Path(d) / f"{v}-{i}"))
+                print(json.dumps(runs[-1]), file=sys.stderr, flush=True)
+    summary: dict[str, dict[str, float]] = {}
+    for v in variants:
+        mine = [r for r in runs if r["variant"] == v]
+        l2 = sorted(r["since_launch_s"]["l2"]["ssh_ready"] for r in mine)  # type: ignore
+        summary[v] = {"l2_ssh_ready_median_s": l2[len(l2) // 2],
+                      "boot_median_s": sorted(r["boot_s"] for r in mine)[len(mine) // 2]}  # type: ignore
+    return {"cpu_quota": quota, "runs": runs, "summary": summary}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("what", choices=["images", "smoke", "nested", "probes", "bochs", "hitcost"])
-    ap.add_argument("-n", type=int, default=3, help="repetitions (smoke)")
+    ap.add_argument("what", choices=["images", "smoke", "nested", "probes", "bochs", "hitcost",
+                                     "chain"])
+    ap.add_argument("-n", type=int, default=3, help="repetitions (smoke, chain)")
+    ap.add_argument("--variant", action="append",
+                    help=f"chain: one of {', '.join(CHAIN_VARIANTS)} or 'profile' (repeatable)")
+    ap.add_argument("--cpu-quota", type=float, help="chain: cores the whole run may use")
     ap.add_argument("--profile", default="tcg-svm", help="L0's profile (hitcost)")
     a = ap.parse_args()
     fn = {"images": bench_images, "smoke": lambda: bench_smoke(a.n), "nested": bench_nested,
-          "probes": bench_probes, "bochs": bench_bochs, "hitcost": lambda: bench_hitcost(a.profile)}
+          "probes": bench_probes, "bochs": bench_bochs, "hitcost": lambda: bench_hitcost(a.profile),
+          "chain": lambda: bench_chain(a.variant or ["profile"], a.n, a.cpu_quota)}
     print(json.dumps(fn[a.what](), indent=1))
 
 

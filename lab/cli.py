@@ -153,7 +153,7 @@ def _run_playbook(pb: playbook.Playbook, run_dir: Path, profile: Profile, tree: 
     from lab.lab import Lab, error_dict
 
     lab = Lab(pb, run_dir, profile, cache_root(), kernel_tree=tree,
-              hold=getattr(args, "hold", False), log=_log)
+              hold=getattr(args, "hold", False), cold=args.cold, log=_log)
     rep = lab.report
     rep.phases["validate"] = round(time.monotonic() - t0, 3)
     phase = "build"
@@ -264,6 +264,8 @@ def cmd_up(args: argparse.Namespace) -> int:
         cmd += ["--kernel-tree", str(Path(args.kernel_tree).resolve())]
     if args.hold:
         cmd.append("--hold")
+    if args.cold:
+        cmd.append("--cold")
     with open(run_dir / "lab.log", "ab") as logf:
         proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=logf, stderr=logf,
                                 start_new_session=True, cwd=os.getcwd())
@@ -502,6 +504,9 @@ def build_parser() -> argparse.ArgumentParser:
         r.add_argument("--out", help="run directory (default runs/<time>-<playbook>)")
         r.add_argument("--profile", choices=profiles, help="override the playbook's profile")
         r.add_argument("--kernel-tree", help="boot L0 from this kernel build tree")
+        r.add_argument("--cold", action="store_true",
+                       help="boot every level, never restore a saved lab (one is still saved "
+                            "unless the playbook says snapshot: off)")
         if name != "run":
             r.add_argument("--hold", action="store_true",
                            help="start L0 with its CPUs held until a debugger continues")

@@ -63,6 +63,8 @@ PLAYBOOK_SPEC = schema.Map({
     # None: gdb where the profile has a gdbstub, tracefs where it has not.
     "probe_backend": schema.Field(schema.Str(choices=("gdb", "tracefs")), default=None),
     "extends": schema.Field(schema.Str(), default=None),
+    # auto: restore a saved lab of this topology if there is one, else boot and save one.
+    "snapshot": schema.Field(schema.Str(choices=("auto", "off")), default="auto"),
 })
 
 DEFAULT_MEMORY = {"l0": 1024, "l1": 1024, "l2": 256}
@@ -111,6 +113,7 @@ class Playbook:
     probes: list[Any] = field(default_factory=list)  # validated items; expanded per vendor
     inject: str | None = None
     probe_backend: str | None = None  # None: decided by the profile (see for_profile)
+    snapshot: str = "auto"  # "auto" | "off": warm start from a saved lab (lab/snapshot.py)
     lines: dict[str, int] = field(default_factory=dict)  # top-level field -> line, for errors
 
     def for_profile(self, profile: Profile) -> Playbook:
@@ -256,4 +259,5 @@ def load(path: Path) -> Playbook:
     return Playbook(path=path, name=data["name"] or path.stem, description=data["description"],
                     profile=data["profile"], levels=levels, steps=steps, probes=probes,
                     inject=data["inject"], probe_backend=data["probe_backend"],
+                    snapshot=data["snapshot"],
                     lines=dict(data.lines))

@@ -21,6 +21,13 @@ class Profile:
     # Boot timeouts that a playbook leaves at their defaults are multiplied by this: an
     # emulator that runs the guest 10-50x slower than TCG needs longer, not a failure.
     timeout_scale: float = 1.0
+    # What every level run inside the lab (a parent running its child with QEMU/KVM) gets on
+    # its QEMU command line and its kernel command line: see NESTED_QEMU_ARGS below.
+    nested_qemu_args: tuple[str, ...] = ()
+    nested_append: tuple[str, ...] = ()
+    # Seconds from L0's launch to its /init on the host the default timeouts were written on:
+    # this host's own time over it scales every timeout (lab/hostspeed.py). None: no scaling.
+    reference_l0_init_s: float | None = None
 
     @property
     def has_gdbstub(self) -> bool:
@@ -60,6 +67,15 @@ class Profile:
         return "kvm"
 
 
+# What the levels run inside the lab get (benchmarks/bench.py chain measures each change):
+# - no HPET: QEMU emulates it in the parent's userspace, so every HPET read and every tick of
+#   a nested guest is a round trip through each KVM above it; a KVM guest knows its TSC rate
+#   and needs no HPET (kvm-clock is its clocksource).
+# - no_timer_check: skips the early IO-APIC timer test, a busy wait for PIT ticks that are
+#   exits through every level.
+NESTED_QEMU_ARGS = ("-no-hpet",)
+NESTED_APPEND = ("no_timer_check",)
+
 PROFILES: dict[str, Profile] = {
     p.name: p
     for p in (
@@ -70,7 +86,9 @@ PROFILES: dict[str, Profile] = {
         # TCG emulates AMD SVM with nested paging but not VMX (see FACTS.md). `max` carries
         # svm and npt under TCG; `qemu64` has svm without npt.
         Profile("tcg-svm", "amd", "tcg", "max",
-                "QEMU TCG with an AMD CPU model that has svm+npt (no hardware virtualization)"),
+                "QEMU TCG with an AMD CPU model that has svm+npt (no hardware virtualization)",
+                nested_qemu_args=NESTED_QEMU_ARGS, nested_append=NESTED_APPEND,
+                reference_l0_init_s=4.0),
         # Bochs emulates VMX with EPT (FACTS.md). broadwell_ult rather than corei7_skylake_x:
         # both run nested KVM, but skylake_x's XSAVE sizes disagree with its features and
         # L0 boots with a WARNING in fpu__init_system_xstate that would read as a crash.

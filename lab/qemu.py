@@ -56,6 +56,7 @@ class VMSpec:
     pidfile: str | None = None
     binary: str = "qemu-system-x86_64"
     extra_args: list[str] = field(default_factory=list)
+    incoming: bool = False  # wait for a migration stream (a saved lab) instead of booting
 
 
 def build_command(spec: VMSpec) -> list[str]:
@@ -92,6 +93,9 @@ def build_command(spec: VMSpec) -> list[str]:
         cmd.append("-S")
     if spec.pidfile:
         cmd += ["-pidfile", spec.pidfile]
+    if spec.incoming:
+        # The stream comes later over QMP (migrate-incoming with a passed fd): lab/snapshot.py.
+        cmd += ["-incoming", "defer"]
     return cmd + list(spec.extra_args)
 
 
@@ -135,8 +139,9 @@ class QemuVM:
         except OSError:
             return ""
 
-    def start(self, timeout: float = 30.0) -> None:
-        """Launch with the CPUs held, attach QMP and consoles, then run (unless spec.hold)."""
+    def start(self, timeout: float = 30.0, run: bool = True) -> None:
+        """Launch with the CPUs held, attach QMP and consoles, then run (unless spec.hold, or
+        `run` is false: the caller has more to do first, e.g. restore a saved lab)."""
         cmd = build_command(VMSpec(**{**self.spec.__dict__, "hold": True}))
         self.command = build_command(self.spec)
         with open(self.stderr_path, "ab") as err:
@@ -170,7 +175,7 @@ class QemuVM:
                 con.on_crash(self.on_crash)
             con.attach_unix(s.path, deadline)
             self.consoles[s.carries] = con
-        if not self.spec.hold:
+        if run and not self.spec.hold:
             self.qmp.execute("cont")
 
     def check_alive(self) -> None:

@@ -58,13 +58,20 @@ class QMP:
         msg: dict[str, Any] = json.loads(line)
         return msg
 
-    def execute(self, command: str, **arguments: Any) -> Any:
+    def execute(self, command: str, *, fds: list[int] | None = None, **arguments: Any) -> Any:
+        """Run a command and return its result. `fds` go along as SCM_RIGHTS (for `getfd`)."""
         if self.sock is None:
             raise QMPError("QMP: not connected")
         msg: dict[str, Any] = {"execute": command}
         if arguments:
             msg["arguments"] = arguments
-        self.sock.sendall(json.dumps(msg).encode() + b"\n")
+        data = json.dumps(msg).encode() + b"\n"
+        if fds:
+            self.sock.settimeout(self.timeout)
+            sent = socket.send_fds(self.sock, [data], fds)
+            self.sock.sendall(data[sent:])
+        else:
+            self.sock.sendall(data)
         while True:
             reply = self._read_message()
             if "event" in reply:  # asynchronous events interleave with replies

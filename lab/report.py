@@ -24,6 +24,7 @@ class StepResult:
     seconds: float = 0.0
     message: str = ""
     cases: list[dict[str, Any]] = field(default_factory=list)  # TAP cases, if the step has them
+    timeout: float | None = None  # seconds, as scaled to this host's speed
 
 
 @dataclass
@@ -44,6 +45,10 @@ class Report:
     probe_timeline: list[dict[str, Any]] = field(default_factory=list)
     gdb: dict[str, Any] = field(default_factory=dict)
     injection: dict[str, Any] | None = None
+    # How the chain came up: {"mode": "cold" | "warm", the saved lab, what saving or
+    # restoring took}; and how fast this host runs next to the reference (lab/hostspeed.py).
+    boot: dict[str, Any] = field(default_factory=dict)
+    host_speed: dict[str, Any] = field(default_factory=dict)
 
     @property
     def exit_status(self) -> int:
