@@ -35,6 +35,7 @@ from lab.ssh import SSHSession
 
 # Seconds of console silence after which a level past its boot deadline counts as stuck.
 PROGRESS_WINDOW = 30.0
+RESTORE_BUDGET = 60.0  # seconds (x host speed factor) for every level to answer after a restore
 CHILD_SSH_PORT = 10022  # on the parent's loopback; each parent is its own machine
 MARK_INIT = r"LAB-INIT: start"
 MARK_READY = r"LAB-INIT: ready"
@@ -180,7 +181,9 @@ class Lab:
         saved = None
         if why_not is None:
             key = snapshot.key_of(self._snapshot_inputs())
-            saved = None if self.cold else snapshot.find(self.cache, key)
+            saved = snapshot.find(self.cache, key)
+            if saved is not None and self.cold:
+                why_not, saved = f"--cold; saved lab {saved.key} is already there", None
         if saved is not None:
             try:
                 self._restore(saved)
@@ -191,7 +194,7 @@ class Lab:
                 snapshot.discard(saved)
                 self._reset_levels()
                 saved = None
-                self.report.boot = {"mode": "cold", "restore_failed": str(e).splitlines()[0]}
+                self.report.boot = {"restore_failed": str(e).splitlines()[0]}
         if saved is None:
             for name in self.levels:
                 self.boot_level(name)
@@ -199,8 +202,7 @@ class Lab:
             if why_not is None:
                 self._save(key)
             else:
-                self.report.boot["saved"] = None
-                self.report.boot["why_not_saved"] = why_not
+                self.report.boot.update(saved=None, why_not_saved=why_not)
         self.up = True
         self._register(up=True)
         self._write_gdbinit(modules=True)
@@ -504,16 +506,40 @@ class Lab:
         restore_s = snapshot.restore(vm.qmp, saved)
         vm.qmp.execute("cont")
         running = self.now()
-        for lv in self.levels.values():
+        for n, lv in self.levels.items():
             lv.timeline = {"launch": st.timeline["launch"], "restored": running}
+            if n != "l0":
+                lv.ssh_port = CHILD_SSH_PORT
         # The guests' clocks stood still while the lab was saved: step them to the host's.
         step = f"date -s @{int(time.time())} >/dev/null 2>&1; "
-        deadline = time.monotonic() + self._boot_budget()
+        # A restored level answers within seconds, or it never will: fail over to a cold
+        # boot soon rather than after a whole boot budget.
+        deadline = time.monotonic() + RESTORE_BUDGET * self.speed.factor
+        ids: dict[str, dict[str, Any] | Exception] = {}
+
+        def identify(name: str) -> None:
+            try:
+                ids[name] = self._identity(name, prefix=step)
+            except Exception as e:  # re-raised below, in this thread
+                ids[name] = e
+
+        # Each level's identity check runs while the next level's SSH session opens (one
+        # connection, several channels): the chain answers a round trip per level sooner.
+        checks = []
         for name in self.levels:
             self._connect(name, deadline)
-            got = self._identity(name, prefix=step)
+            th = threading.Thread(target=identify, args=(name,), daemon=True)
+            th.start()
+            checks.append(th)
+        for th in checks:
+            th.join(timeout=max(deadline - time.monotonic(), 1.0))
+        for name in self.levels:
+            got = ids.get(name)
+            if isinstance(got, Exception):
+                raise got
             want = saved.meta["levels"][name]
-            if got["boot_id"] != want["boot_id"] or got["sshd_start"] != want["sshd_start"]:
+            if got is None or got["boot_id"] != want["boot_id"] or \
+                    got["sshd_start"] != want["sshd_start"]:
                 raise snapshot.SnapshotError(f"{name}: not the saved level (boot {got} after "
                                              f"restore, {want} when saved)", level=name)
             self.report.levels[name]["restored"] = {**got, "same_as_saved": True}
