@@ -198,6 +198,31 @@ class GdbSession:
         self.cmd(f"-target-select remote {target}", timeout=timeout)
         return self.wait_stopped(5.0)
 
+    def stop_in_host(self, hostname: str, tries: int = 100) -> int:
+        """Make sure L0 is stopped in its own context; return how many re-stops it took.
+
+        QEMU's gdbstub reads memory through the vCPU's current page tables. A TCG vCPU that
+        gdb stopped while it was running a nested guest (L1 or L2) has the guest's CR3 loaded:
+        L0's module text and data are then unreadable or, since every level runs the same
+        kernel at the same addresses, silently the guest's. L0's own hostname, read from the
+        kernel's uts namespace, tells which one gdb sees; until it is L0's, let it run a
+        moment and stop it again. The language is fixed to C for the same reason: gdb picks
+        it from the frame it stopped in, which may be code it has no symbols for.
+        """
+        self.console("set language c")
+        want = " && ".join([*(f"init_uts_ns.name.nodename[{i}] == {ord(c)}"
+                              for i, c in enumerate(hostname)),
+                            f"init_uts_ns.name.nodename[{len(hostname)}] == 0"])
+        for attempt in range(tries):
+            (ok, value), = self.evaluate([f"({want})"])
+            if ok and value.strip() == "1":
+                return attempt
+            self.cont()
+            time.sleep(0.02)
+            self.interrupt()
+        raise GdbError(f"gdb: L0 did not stop in its own context in {tries} tries (it kept "
+                       "stopping inside a nested guest)")
+
     def add_module(self, ko: Path, sections: dict[str, int], present: set[str]) -> None:
         self.console(add_symbol_file_command(ko, sections, present), timeout=120)
 

@@ -663,6 +663,7 @@ class Lab:
         gdb.attach(f"127.0.0.1:{self.gdb_port}")
         for m in mods:
             gdb.add_module(m.debug_file, m.sections, m.present)
+        restops = gdb.stop_in_host("l0")
         ready = time.monotonic() - t
         if self.pb.inject:
             inj = inject.resolve(self.pb.inject, self.profile.vendor)
@@ -678,6 +679,7 @@ class Lab:
         self.report.gdb = {"vmlinux": str(vmlinux), "kaslr_offset": offset,
                            "load_vmlinux_s": round(t_load, 3),
                            "ready_after_attach_s": round(ready, 3),
+                           "restops_to_l0_context": restops,
                            "modules": [m.name for m in mods],
                            "probe_sets": sorted({s.origin for s in specs})}
         self.log(f"gdb: attached to L0, {len(mods)} modules, ready {ready:.2f} s after attach; "

@@ -153,13 +153,16 @@ def save(qmp: QMP, cache: Path, key: str, meta: dict[str, Any],
 def restore(qmp: QMP, saved: SavedLab, timeout: float = 600.0) -> float:
     """Feed the saved stream to a QEMU started with `-incoming defer`; seconds it took."""
     t = time.monotonic()
-    fd = os.open(saved.stream, os.O_RDONLY)
     try:
-        qmp.execute("getfd", fdname="lab-restore", fds=[fd])
-    finally:
-        os.close(fd)
-    qmp.execute("migrate-incoming", uri="fd:lab-restore")
-    _wait_migration(qmp, time.monotonic() + timeout, "restoring L0")
+        fd = os.open(saved.stream, os.O_RDONLY)
+        try:
+            qmp.execute("getfd", fdname="lab-restore", fds=[fd])
+        finally:
+            os.close(fd)
+        qmp.execute("migrate-incoming", uri="fd:lab-restore")
+        _wait_migration(qmp, time.monotonic() + timeout, "restoring L0")
+    except OSError as e:  # QEMU exits when it cannot load the stream
+        raise SnapshotError(f"restoring L0 from {saved.key}: QEMU went away ({e})") from None
     with contextlib.suppress(OSError):
         os.utime(saved.dir)  # most recently used: pruned last
     return round(time.monotonic() - t, 3)

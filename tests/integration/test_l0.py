@@ -66,9 +66,12 @@ def test_image_rebuild_with_nothing_changed_is_a_cache_hit() -> None:
 
 def test_smoke_playbook(tmp_path: Path) -> None:
     out = tmp_path / "run"
-    r = lab("run", "playbooks/smoke.yaml", "--out", str(out))
+    # --cold: this test is about the boot itself (the other tests here may start warm).
+    r = lab("run", "playbooks/smoke.yaml", "--out", str(out), "--cold")
     assert r.returncode == 0, r.stdout + r.stderr
     rep = report(out)
+    assert rep["boot"]["mode"] == "cold"
+    assert rep["host_speed"]["source"] == "this run" and rep["host_speed"]["factor"] >= 1
     assert rep["status"] == "passed" and [s["status"] for s in rep["steps"]] == ["passed"] * 3
     assert "nested=1" in rep["steps"][1]["stdout"]
     tl = rep["levels"]["l0"]["timeline"]
