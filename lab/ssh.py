@@ -54,6 +54,7 @@ class SSHSession:
         self.via = via
         self.user = user
         self.transport: paramiko.Transport | None = None
+        self._retired: list[paramiko.Transport] = []  # replaced, still carrying children
 
     # -- connecting ------------------------------------------------------------------------
     def _sock(self, timeout: float) -> Any:
@@ -120,9 +121,10 @@ class SSHSession:
         return self.transport
 
     def close(self) -> None:
-        if self.transport is not None:
-            self.transport.close()
-            self.transport = None
+        for t in [self.transport, *self._retired]:
+            if t is not None:
+                t.close()
+        self.transport, self._retired = None, []
 
     def __enter__(self) -> SSHSession:
         return self
@@ -139,12 +141,7 @@ class SSHSession:
         so that a crash elsewhere in the lab ends the wait at once.
         """
         t0 = time.monotonic()
-        try:
-            # A nested level under emulation can be slow to answer even a channel open when
-            # the host is busy (seen once: 30 s were not enough for L1 under TCG with L2 up).
-            chan = self.require().open_session(timeout=min(timeout, 120))
-        except (paramiko.SSHException, OSError, EOFError) as e:
-            raise SSHError(f"{self.level}: cannot open a session: {e}", level=self.level) from None
+        chan = self._open_session(min(timeout, 120), check)
         out, err = bytearray(), bytearray()
         try:
             chan.settimeout(0.0)
@@ -177,6 +174,32 @@ class SSHSession:
             chan.close()
         return RunResult(command, status, out.decode(errors="replace"),
                          err.decode(errors="replace"), time.monotonic() - t0)
+
+    def _open_session(self, timeout: float,
+                      check: Callable[[], None] | None) -> paramiko.Channel:
+        """A session channel; when the open stalls, once more on a fresh connection.
+
+        A nested level under emulation can be slow to answer even a channel open when the
+        host is busy (30 s were once not enough for L1 under TCG with L2 up), and a channel
+        open has been seen to stall for good on an established connection to L1 while L1
+        itself answered a new one: half the time on this connection, half on a new one.
+        """
+        try:
+            return self.require().open_session(timeout=timeout / 2)
+        except (paramiko.SSHException, OSError, EOFError) as e:
+            first = e
+        if check:
+            check()
+        try:
+            # The old connection stays open: a deeper level's connection runs through it.
+            old, self.transport = self.transport, None
+            if old is not None:
+                self._retired.append(old)
+            self.connect(time.monotonic() + timeout / 2, check=check)
+            return self.require().open_session(timeout=timeout / 2)
+        except (SSHError, paramiko.SSHException, OSError, EOFError) as e:
+            raise SSHError(f"{self.level}: cannot open a session: {first}; on a new connection:"
+                           f" {e}", level=self.level) from None
 
     def start(self, command: str) -> None:
         """Start a command that outlives this call (its output must be redirected)."""
