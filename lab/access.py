@@ -61,10 +61,21 @@ def find_run(run: str | None) -> Path:
         d = Path(run).resolve()
         if not (d / "state.json").exists():
             raise UsageError(f"--run {run}: no state.json there: not a lab run directory")
-        return d
+        return _trusted(d)
     live = [r for r in Registry().records() if alive(int(r.get("owner_pid", 0)))]
     live = [r for r in live if r.get("up")]
     if not live:
         raise UsageError("no lab is up; start one with `lab up PLAYBOOK` or give --run DIR")
     live.sort(key=lambda r: float(r.get("started", 0)))
-    return Path(live[-1]["run_dir"])
+    return _trusted(Path(live[-1]["run_dir"]))
+
+
+def _trusted(d: Path) -> Path:
+    """`lab ssh` and `lab gdb` run ssh_config and gdbinit from the run directory: only from
+    one that this user owns and nobody else can write."""
+    from lab.procs import UnsafeDirectory, private_dir
+
+    try:
+        return private_dir(d, "the run directory")
+    except UnsafeDirectory as e:
+        raise UsageError(str(e)) from None

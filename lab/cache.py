@@ -15,10 +15,22 @@ from pathlib import Path
 
 
 def cache_root() -> Path:
+    """The cache, refused when another user could change it: the lab runs `make` on what it
+    holds and boots the kernels in it."""
     env = os.environ.get("LAB_CACHE")
     root = Path(env) if env else Path.home() / ".cache" / "lab"
-    root.mkdir(parents=True, exist_ok=True)
-    return root.resolve()
+    if not root.exists():
+        root.parent.mkdir(parents=True, exist_ok=True)
+        root.mkdir(mode=0o700, exist_ok=True)
+    root = root.resolve()
+    st = root.stat()
+    if st.st_uid != os.getuid() or st.st_mode & 0o022:
+        from lab.errors import LabError
+
+        raise LabError(f"{root}: the lab's cache belongs to uid {st.st_uid} with mode "
+                       f"{st.st_mode & 0o777:o}; expected this user's (uid {os.getuid()}), "
+                       "writable by nobody else")
+    return root
 
 
 @contextlib.contextmanager

@@ -60,11 +60,16 @@ def default_run_dir(name: str) -> Path:
 def _new_run_dir(out: str | None, name: str) -> Path:
     d = Path(out) if out else default_run_dir(name)
     d = d.resolve()
+    d.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        # Keys, ssh_config and gdbinit go in here and are used from here: this user's only.
+        procs.private_dir(d, "the run directory")
+    except procs.UnsafeDirectory as e:
+        raise UsageError(str(e)) from None
     if (d / "state.json").exists():
         st = access.read_state(d)
         if st.get("status") in ("up", "booting") and procs.alive(int(st.get("owner_pid", 0))):
             raise UsageError(f"--out {d}: a lab is running there; `lab down --run {d}` first")
-    d.mkdir(parents=True, exist_ok=True)
     return d
 
 
@@ -132,7 +137,7 @@ def _run_suite(args: argparse.Namespace, path: Path) -> int:
         pb = playbook.load(entry.playbook)
         profile = resolve_profile(args.profile or pb.profile)
         sub_dir = run_dir / f"{i + 1:02d}-{pb.name}"
-        sub_dir.mkdir(parents=True, exist_ok=True)
+        sub_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         _log(f"suite {s.name}: [{i + 1}/{len(s.entries)}] {pb.name} (expect {entry.expect})")
         rep = _run_playbook(pb, sub_dir, profile, tree, args, False, time.monotonic())
         print(summary(rep))
@@ -302,9 +307,9 @@ def cmd_up(args: argparse.Namespace) -> int:
         print(f"  {name}: lab ssh {name}    or    ssh -F {run_dir}/ssh_config {name}"
               + (f"  (via {lv['via']})" if lv.get("via") else ""))
     print(f"  consoles: {run_dir}/<level>.console.log")
-    if st.get("gdb_port"):
+    if st.get("gdb_socket"):
         print(f"  gdb:      lab gdb    or    gdb -x {run_dir}/gdbinit   (L0's gdbstub, "
-              f"127.0.0.1:{st.get('gdb_port')})")
+              f"unix socket {st.get('gdb_socket')})")
     else:
         print(f"  gdb:      none: profile {st.get('profile')} has no gdbstub (probes trace "
               "inside L0)")
@@ -325,7 +330,7 @@ def cmd_gdb(args: argparse.Namespace) -> int:
         # QEMU's gdbstub takes one debugger at a time.
         raise UsageError(f"{run_dir}: L0's gdbstub is held by the playbook's probes until they "
                          f"finish; try again when `lab` reports them detached")
-    if not st.get("gdb_port"):
+    if not st.get("gdb_socket"):
         raise UsageError(f"{run_dir}: profile {st.get('profile')} has no gdbstub to attach "
                          "to (its probes trace inside L0: probe_backend tracefs)")
     if not (run_dir / "gdbinit").exists():
@@ -383,7 +388,10 @@ def cmd_down(args: argparse.Namespace) -> int:
     run_dir = access.find_run(args.run)
     st = access.read_state(run_dir)
     owner = int(st.get("owner_pid") or 0)
-    if owner and procs.alive(owner):
+    # Only the process that runs this lab: its pid and its start time, as it recorded them
+    # (a pid alone may belong to someone else's process by now).
+    if owner and procs.alive(owner) and st.get("owner_start") is not None \
+            and procs.start_time(owner) == st.get("owner_start"):
         os.kill(owner, signal.SIGTERM)
         if not procs.wait_until(lambda: not procs.alive(owner), 60):
             os.kill(owner, signal.SIGKILL)  # QEMU dies with it (parent-death signal)

@@ -126,6 +126,10 @@ class GdbSession:
 
     def cmd(self, command: str, timeout: float = 60.0) -> tuple[dict[str, Any], list[str]]:
         """Send one MI command; return its result record and the stream text it produced."""
+        # An MI command is one line: a newline (or any control character) would end it and
+        # start another, such as `shell`. Whatever the caller, nothing like that goes out.
+        if any(ord(c) < 0x20 or c == "\x7f" for c in command):
+            raise GdbError(f"gdb: refusing a command with a control character: {command!r}")
         self.token += 1
         tok = self.token
         self._log(">", f"{tok}{command}")

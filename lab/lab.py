@@ -73,7 +73,9 @@ class Lab:
                              "CPUs for")
         self.levels = {name: LevelState(lv) for name, lv in self.pb.levels.items()}
         self.vm: QemuVM | BochsVM | None = None
-        self.gdb_port: int | None = None
+        # L0's gdbstub: a unix socket in the lab's private (0700) socket directory. A TCP
+        # port, even on loopback, would let any local user drive QEMU's monitor through gdb.
+        self.gdb_socket: str | None = None
         self.registry = procs.Registry()
         # Unix socket paths are limited to 108 bytes: keep sockets in a short private dir.
         self.sock_dir = Path(tempfile.mkdtemp(prefix="s-", dir=procs.runtime_dir()))
@@ -107,7 +109,8 @@ class Lab:
     def _register(self, up: bool = False) -> None:
         pids = [self.vm.pid] if self.vm and self.vm.pid else []
         self.registry.write(self.id, {
-            "id": self.id, "owner_pid": os.getpid(), "sock_dir": str(self.sock_dir),
+            "id": self.id, "owner_pid": os.getpid(),
+            "owner_start": procs.start_time(os.getpid()), "sock_dir": str(self.sock_dir),
             "pids": pids, "run_dir": str(self.run_dir), "up": up, "started": time.time()})
 
     def now(self) -> float:
@@ -255,7 +258,7 @@ class Lab:
         for n in names:
             self.levels[n].console = self.vm.consoles[n]  # type: ignore[union-attr]
 
-    def _qemu_l0_spec(self, ssh_port: int, sock_dir: Path, gdb_port: int,
+    def _qemu_l0_spec(self, ssh_port: int, sock_dir: Path,
                       incoming: bool = False) -> VMSpec:
         st = self.levels["l0"]
         assert st.image is not None
@@ -266,12 +269,12 @@ class Lab:
             append=self._append(st.level, nested=False), ssh_port=ssh_port,
             # ttyS0 is L0's own console; ttyS1 and ttyS2 relay L1's and L2's to the host.
             serials=[Serial(n, "unix", str(sock_dir / f"{n}.console")) for n in self.levels],
-            qmp=str(sock_dir / "qmp"), gdb=f"tcp:127.0.0.1:{gdb_port}",
+            qmp=str(sock_dir / "qmp"), gdb=str(sock_dir / "gdb"),
             hold=self.hold, incoming=incoming)
 
     def _qemu_l0(self, st: LevelState, names: list[str], incoming: bool = False) -> QemuVM:
-        self.gdb_port = free_port()
-        st.spec = self._qemu_l0_spec(st.ssh_port, self.sock_dir, self.gdb_port, incoming)
+        st.spec = self._qemu_l0_spec(st.ssh_port, self.sock_dir, incoming)
+        self.gdb_socket = st.spec.gdb
         return QemuVM(st.spec, self.run_dir, on_crash=self._on_crash)
 
     def _bochs_l0(self, st: LevelState, names: list[str]) -> BochsVM:
@@ -444,7 +447,7 @@ class Lab:
     def _snapshot_inputs(self) -> dict[str, Any]:
         """Everything that shapes the boot, with the parts that differ per run (ports, socket
         paths) left out: equal inputs boot the very same chain."""
-        spec = self._qemu_l0_spec(ssh_port=0, sock_dir=Path("/SOCK"), gdb_port=0)
+        spec = self._qemu_l0_spec(ssh_port=0, sock_dir=Path("/SOCK"))
         return {
             "profile": self.profile.name,
             "qemu": snapshot.qemu_identity(spec.binary),
@@ -620,7 +623,7 @@ class Lab:
         ssh = self.levels["l0"].ssh
         offset, loaded = self._l0_symbols(module_root, smap) if modules and ssh else (0, [])
         lines.append(f"symbol-file {vmlinux}" + (f" -o {offset:#x}" if offset else ""))
-        lines.append(f"target remote 127.0.0.1:{self.gdb_port}")
+        lines.append(f"target remote {self.gdb_socket}")
         # Module symbols live in their own file: with --hold the modules load after gdb
         # attaches, and `lab-modules` loads them then (the lab writes the file once L0 is up).
         mods_file = self.run_dir / "modules.gdb"
@@ -660,7 +663,8 @@ class Lab:
         access.write_state(self.run_dir, self.state())
         t_load = gdb.load_kernel(vmlinux, offset)
         t = time.monotonic()
-        gdb.attach(f"127.0.0.1:{self.gdb_port}")
+        assert self.gdb_socket is not None
+        gdb.attach(self.gdb_socket)
         for m in mods:
             gdb.add_module(m.debug_file, m.sections, m.present)
         restops = gdb.stop_in_host("l0")
@@ -752,9 +756,10 @@ class Lab:
     def state(self, status: str | None = None) -> dict[str, Any]:
         return {
             "id": self.id, "status": status or ("up" if self.up else "booting"),
-            "owner_pid": os.getpid(), "playbook": str(self.pb.path), "profile": self.profile.name,
+            "owner_pid": os.getpid(), "owner_start": procs.start_time(os.getpid()),
+            "playbook": str(self.pb.path), "profile": self.profile.name,
             "run_dir": str(self.run_dir), "sock_dir": str(self.sock_dir),
-            "key_file": str(self.key_file), "gdb_port": self.gdb_port,
+            "key_file": str(self.key_file), "gdb_socket": self.gdb_socket,
             "gdbstub_owner": self.gdbstub_owner, "held": self.held, "ready": self.ready,
             "qemu_pid": self.vm.pid if self.vm else None,
             "levels": {n: {"port": st.ssh_port, "via": st.level.parent,

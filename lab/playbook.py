@@ -34,7 +34,7 @@ LEVEL_SPEC = schema.Map({
     "image": schema.Field(schema.Str(), default=None),  # None: the profile's choice
     "memory": schema.Field(schema.Int(minimum=128, maximum=65536), default=None),
     "cpus": schema.Field(schema.Int(minimum=1, maximum=64), default=1),
-    "append": schema.Field(schema.Str(), default=""),
+    "append": schema.Field(schema.Str(max_len=2048), default=""),
     "modules": schema.Field(schema.Dict(
         schema.Dict(schema.Scalar(), key_check=_is_name, key_what="a parameter name"),
         key_check=_is_name, key_what="a module name (letters, digits, _)"), default=None),
@@ -43,17 +43,20 @@ LEVEL_SPEC = schema.Map({
 })
 
 STEP_SPEC = schema.Map({
-    "name": schema.Field(schema.Str()),
+    "name": schema.Field(schema.Str(max_len=200)),
     "on": schema.Field(schema.Str(choices=LEVELS), default="l0"),
-    "run": schema.Field(schema.Str(), required=True),
+    "run": schema.Field(schema.Str(multiline=True, nonempty=True, pattern_what="a command"),
+                        required=True),
     "expect": schema.Field(schema.Int(minimum=0, maximum=255), default=0),
     "timeout": schema.Field(schema.Int(minimum=1), default=120),
     "tap": schema.Field(schema.Bool(), default=False),
 })
 
 PLAYBOOK_SPEC = schema.Map({
-    "name": schema.Field(schema.Str()),
-    "description": schema.Field(schema.Str(), default=""),
+    # The name becomes a run directory's name: a plain name, never a path.
+    "name": schema.Field(schema.Str(pattern=r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}",
+                                    pattern_what="a name of letters, digits, '_', '.', '-'")),
+    "description": schema.Field(schema.Str(multiline=True), default=""),
     "profile": schema.Field(schema.Str(choices=("auto", *PROFILES)), default="auto"),
     "topology": schema.Field(schema.Dict(LEVEL_SPEC, key_check=lambda k: k in LEVELS,
                                          key_what="a level (l0, l1, l2)")),

@@ -25,12 +25,26 @@ from lab.gdbvalue import parse
 
 INVALID_PAGE = (1 << 64) - 1
 
+# What reaches gdb (and, for tracefs, L0's shell) from a playbook is checked against what it
+# must be; nothing else gets through. A place: a function (module:function for tracefs),
+# FILE:LINE, or *ADDRESS.
+LINESPEC = (r"(?:[A-Za-z_][A-Za-z0-9_]*:)?[A-Za-z_][A-Za-z0-9_.]*"
+            r"|[A-Za-z0-9_./-]+:[0-9]+|\*0x[0-9a-fA-F]+")
+# gdb's convenience functions that conditions and captures may call ($_shell runs a host
+# command, $_as_string and the like are of no use here).
+ALLOWED_FUNCTIONS = frozenset({"$_caller_is", "$_caller_matches", "$_any_caller_is",
+                               "$_any_caller_matches", "$_streq", "$_strlen", "$_memeq",
+                               "$_regex"})
+_FUNCTION = re.compile(r"\$[A-Za-z_][A-Za-z0-9_]*(?=\s*\()")
+EXPRESSION = schema.Str(pattern_what="a C expression", nonempty=True, max_len=1000)
 PROBE_SPEC = schema.Map({
-    "name": schema.Field(schema.Str()),
+    "name": schema.Field(schema.Str(pattern=r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}",
+                                    pattern_what="a name of letters, digits, '_', '.', '-'")),
     "set": schema.Field(schema.Str(choices=("invalidation",))),
-    "at": schema.Field(schema.Str()),
-    "if": schema.Field(schema.Str()),
-    "capture": schema.Field(schema.Dict(schema.Str(), key_what="a capture name"), default=None),
+    "at": schema.Field(schema.Str(pattern=LINESPEC,
+                                  pattern_what="a function, FILE:LINE or *ADDRESS")),
+    "if": schema.Field(EXPRESSION),
+    "capture": schema.Field(schema.Dict(EXPRESSION, key_what="a capture name"), default=None),
     "when": schema.Field(schema.List(schema.Str(choices=("entry", "return"))), default=None),
     "max_hits": schema.Field(schema.Int(minimum=1, maximum=100000), default=10),
     "then": schema.Field(schema.Str(choices=("continue", "stop")), default="continue"),
@@ -101,6 +115,15 @@ def load_probes(items: list[Any], vendor: str) -> list[ProbeSpec]:
             continue
         if not p["at"]:
             raise UsageError(f"{p.where()}: probes[{i}].at: missing (a function or FILE:LINE)")
+        exprs = [("if", p["if"] or ""), *((f"capture.{k}", v)
+                                          for k, v in (p["capture"] or {}).items())]
+        for field_name, expr in exprs:
+            for fn in _FUNCTION.findall(expr):
+                if fn not in ALLOWED_FUNCTIONS:
+                    where = p.where("if" if field_name == "if" else "capture")
+                    raise UsageError(f"{where}: probes[{i}].{field_name}: gdb function {fn} is "
+                                     f"not allowed (expected one of "
+                                     f"{', '.join(sorted(ALLOWED_FUNCTIONS))})")
         for cname, expr in (p["capture"] or {}).items():
             try:
                 compile_capture(cname, expr)

@@ -7,14 +7,19 @@ next `lab` command reap anything that still escaped (e.g. a QEMU whose parent wa
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import json
 import os
 import signal
+import stat
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 from typing import IO, Any
+
+from lab.errors import LabError
 
 PR_SET_PDEATHSIG = 1
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -72,27 +77,63 @@ def terminate(proc: subprocess.Popen[bytes], grace: float = 3.0) -> None:
             continue
 
 
+def start_time(pid: int) -> int | None:
+    """When the process started (clock ticks since boot): with the pid, it names one process
+    for good, where a pid alone may have been reused."""
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+class UnsafeDirectory(LabError):
+    kind = "unsafe"
+
+
+def private_dir(path: Path, what: str) -> Path:
+    """`path` as a directory only this user can reach: created 0700 if missing; refused if it
+    is a symlink, belongs to another user, or lets others in. The lab runs what it finds in
+    such directories (ssh_config, gdbinit, records of labs to reap): never from another's."""
+    with contextlib.suppress(FileExistsError):
+        path.mkdir(mode=0o700)
+    st = os.lstat(path)
+    if stat.S_ISLNK(st.st_mode) or not stat.S_ISDIR(st.st_mode):
+        raise UnsafeDirectory(f"{path}: {what} is not a plain directory (a symlink?); refusing "
+                              "it")
+    if st.st_uid != os.getuid():
+        raise UnsafeDirectory(f"{path}: {what} belongs to uid {st.st_uid}, not to this user "
+                              f"(uid {os.getuid()}); refusing it")
+    if st.st_mode & 0o077:
+        raise UnsafeDirectory(f"{path}: {what} has mode {st.st_mode & 0o777:o}; expected 700 "
+                              "(only this user); refusing it")
+    return path
+
+
 def runtime_dir() -> Path:
-    base = os.environ.get("XDG_RUNTIME_DIR") or f"/tmp/lab-{os.getuid()}"
-    d = Path(base) / "lab"
-    d.mkdir(parents=True, exist_ok=True, mode=0o700)
-    return d
+    """Where running labs keep their sockets and records: $XDG_RUNTIME_DIR/lab, or (sudo,
+    cron, CI) a private directory in the cache, never a guessable path in /tmp."""
+    from lab.cache import cache_root
+
+    base = os.environ.get("XDG_RUNTIME_DIR")
+    if base:
+        return private_dir(Path(base) / "lab", "the runtime directory")
+    return private_dir(cache_root() / "run", "the runtime directory")
 
 
 class Registry:
     """One JSON file per running lab: owner pid, QEMU pids and the lab's private socket dir."""
 
     def __init__(self, root: Path | None = None) -> None:
-        self.root = root or (runtime_dir() / "labs")
-        self.root.mkdir(parents=True, exist_ok=True)
+        self.root = private_dir(root or runtime_dir() / "labs", "the registry of labs")
 
     def path(self, lab_id: str) -> Path:
         return self.root / f"{lab_id}.json"
 
     def write(self, lab_id: str, record: dict[str, Any]) -> None:
-        tmp = self.path(lab_id).with_suffix(".tmp")
-        tmp.write_text(json.dumps(record))
-        tmp.rename(self.path(lab_id))
+        fd, tmp = tempfile.mkstemp(prefix=f".{lab_id}-", dir=self.root)
+        with os.fdopen(fd, "w") as f:
+            f.write(json.dumps(record))
+        os.replace(tmp, self.path(lab_id))
 
     def remove(self, lab_id: str) -> None:
         self.path(lab_id).unlink(missing_ok=True)
@@ -113,7 +154,11 @@ class Registry:
             owner = int(rec.get("owner_pid", 0))
             if owner and alive(owner):
                 continue
-            marker = rec.get("sock_dir", "")
+            marker = str(rec.get("sock_dir", ""))
+            # A record names a socket directory of ours, or nothing is done in its name.
+            if not _own_sock_dir(marker, self.root.parent):
+                self.remove(str(rec.get("id")))
+                continue
             for pid in rec.get("pids", []):
                 # Only kill a pid that still is that lab's QEMU (pids get reused).
                 if alive(pid) and marker and any(marker in a for a in cmdline(pid)):
@@ -128,6 +173,12 @@ class Registry:
                 Path(marker).rmdir()
             self.remove(str(rec.get("id")))
         return done
+
+
+def _own_sock_dir(marker: str, runtime: Path) -> bool:
+    p = Path(marker)
+    return (p.is_absolute() and p.parent == runtime and p.name.startswith("s-")
+            and ".." not in p.parts and (not p.exists() or os.lstat(p).st_uid == os.getuid()))
 
 
 def wait_until(predicate: Any, timeout: float, interval: float = 0.05) -> bool:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import xml.etree.ElementTree as ET
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -85,6 +86,26 @@ def _clip(text: str, limit: int = 20000) -> str:
     return text if len(text) <= limit else text[:limit // 2] + "\n...\n" + text[-limit // 2:]
 
 
+# Characters XML 1.0 cannot carry at all (not even escaped): a step that prints ESC or NUL
+# would otherwise make the whole junit.xml unreadable.
+_XML_FORBIDDEN = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ud800-\udfff\ufffe\uffff]")
+
+
+def xml_safe(text: str) -> str:
+    """`text` with every character XML 1.0 forbids written as \\xNN (visible, not lost)."""
+    return _XML_FORBIDDEN.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
+
+
+def sanitize_tree(root: ET.Element) -> None:
+    for el in root.iter():
+        if el.text:
+            el.text = xml_safe(el.text)
+        if el.tail:
+            el.tail = xml_safe(el.tail)
+        for k, v in el.attrib.items():
+            el.set(k, xml_safe(v))
+
+
 def junit(r: Report) -> bytes:
     suites = ET.Element("testsuites")
     suite = ET.SubElement(suites, "testsuite", name=r.name)
@@ -146,6 +167,7 @@ def junit(r: Report) -> bytes:
     suite.set("skipped", str(len(suite.findall("testcase/skipped"))))
     suite.set("errors", str(n_err))
     suite.set("time", f"{r.phases.get('total', total):.3f}")
+    sanitize_tree(suites)
     ET.indent(suites)
     return ET.tostring(suites, encoding="utf-8", xml_declaration=True)
 

@@ -6,6 +6,7 @@ the loaded dict lets every error name the file, the line and the field, as the C
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,20 +52,47 @@ class Spec:
         raise NotImplementedError
 
 
+# Control characters other than newline and tab (in multi-line fields only) never have a
+# place in a playbook: a newline in a gdb command or a name is how a value breaks out of it.
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
+_CONTROL_OR_NL = re.compile(r"[\x00-\x1f\x7f]")
+
+
 class Str(Spec):
     what = "a string"
 
-    def __init__(self, choices: tuple[str, ...] | None = None) -> None:
+    def __init__(self, choices: tuple[str, ...] | None = None, *, multiline: bool = False,
+                 pattern: str | None = None, pattern_what: str = "", nonempty: bool = False,
+                 max_len: int = 65536) -> None:
         self.choices = choices
+        self.multiline = multiline
+        self.pattern = re.compile(pattern) if pattern else None
+        self.nonempty = nonempty
+        self.max_len = max_len
         if choices:
             self.what = "one of " + ", ".join(choices)
+        elif pattern_what:
+            self.what = pattern_what
 
     def check(self, node: yaml.Node, path: str, file: str) -> str:
         if not isinstance(node, yaml.ScalarNode) or node.tag == "tag:yaml.org,2002:null":
             raise fail(file, node, path, f"expected {self.what}, got {_describe(node)}")
-        if self.choices and node.value not in self.choices:
-            raise fail(file, node, path, f"expected {self.what}, got {node.value!r}")
-        return str(node.value)
+        value = str(node.value)
+        if self.choices and value not in self.choices:
+            raise fail(file, node, path, f"expected {self.what}, got {value!r}")
+        bad = (_CONTROL if self.multiline else _CONTROL_OR_NL).search(value)
+        if bad:
+            allowed = " (newline and tab are allowed)" if self.multiline else ""
+            raise fail(file, node, path, f"expected {self.what} without control characters"
+                       f"{allowed}, got {bad.group()!r} at offset {bad.start()}")
+        if self.nonempty and not value.strip():
+            raise fail(file, node, path, f"expected {self.what}, got an empty string")
+        if len(value) > self.max_len:
+            raise fail(file, node, path, f"expected at most {self.max_len} characters, got "
+                       f"{len(value)}")
+        if self.pattern and not self.pattern.fullmatch(value):
+            raise fail(file, node, path, f"expected {self.what}, got {value!r}")
+        return value
 
 
 class Int(Spec):

@@ -21,6 +21,7 @@ import yaml
 
 from lab import schema
 from lab.errors import EXIT_INFRA, EXIT_PASSED, EXIT_STEP_FAILED, UsageError
+from lab.report import sanitize_tree
 
 SUITE_SPEC = schema.Map({
     "name": schema.Field(schema.Str()),
@@ -92,10 +93,17 @@ def merged_junit(suite: Suite, runs: list[tuple[Entry, Path, dict[str, Any]]]) -
     for entry, run_dir, rep in runs:
         try:
             sub = ET.parse(run_dir / "junit.xml").getroot().find("testsuite")
-        except (OSError, ET.ParseError):
-            sub = None
+            unreadable = "" if sub is not None else "no testsuite in it"
+        except (OSError, ET.ParseError) as e:
+            sub, unreadable = None, str(e)
         if sub is None:
+            # Never an empty testsuite in its place: a run whose results cannot be read is
+            # an error of the suite, and says so.
             sub = ET.Element("testsuite", name=rep.get("name", entry.playbook.stem))
+            tc = ET.SubElement(sub, "testcase", classname=sub.get("name", ""), name="junit.xml")
+            ET.SubElement(tc, "error", message=f"{run_dir}/junit.xml unreadable: {unreadable}")
+            sub.set("tests", "1")
+            sub.set("errors", "1")
         if entry.expect == "failed":
             # Failing cases are the point of this run: report them as passed (caught), and a
             # case that did not fail as skipped (it cannot see the injected bug).
@@ -121,6 +129,7 @@ def merged_junit(suite: Suite, runs: list[tuple[Entry, Path, dict[str, Any]]]) -
         sub.set("tests", str(len(sub.findall("testcase"))))
         sub.set("skipped", str(len(sub.findall("testcase/skipped"))))
         root.append(sub)
+    sanitize_tree(root)
     ET.indent(root)
     return ET.tostring(root, encoding="utf-8", xml_declaration=True)
 

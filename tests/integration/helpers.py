@@ -82,3 +82,27 @@ def alive(pid: int) -> bool:
         return True
     except ProcessLookupError:
         return False
+
+
+def tcp_listeners(pid: int) -> list[tuple[str, int]]:
+    """(address, port) of every listening TCP socket the process holds (IPv4 and IPv6)."""
+    inodes = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            target = os.readlink(fd)
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            inodes.add(target[8:-1])
+    out = []
+    for table in ("tcp", "tcp6"):
+        for line in Path(f"/proc/net/{table}").read_text().splitlines()[1:]:
+            f = line.split()
+            if f[3] != "0A" or f[9] not in inodes:  # 0A: LISTEN
+                continue
+            addr, port = f[1].rsplit(":", 1)
+            if table == "tcp":
+                a = bytes.fromhex(addr)[::-1]
+                addr = ".".join(str(b) for b in a)
+            out.append((addr, int(port, 16)))
+    return out

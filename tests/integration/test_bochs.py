@@ -45,7 +45,7 @@ def test_up_ssh_no_gdb_and_kill_leaves_no_bochs(tmp_path: Path) -> None:
     assert r.returncode == 0, r.stdout + r.stderr
     assert "no gdbstub" in r.stdout
     st = wait_state(out, "up", 10)
-    assert st["profile"] == "bochs-vmx" and st["gdb_port"] is None
+    assert st["profile"] == "bochs-vmx" and st["gdb_socket"] is None
     assert bochs_pids(st["sock_dir"]), "the lab's Bochs should be running"
     r = lab("ssh", "--run", str(out), "l0", "--", "grep -c vmx /proc/cpuinfo; uname -r",
             check=True)

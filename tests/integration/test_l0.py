@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -13,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from .helpers import ROOT, gone, lab, qemu_pids, report, wait_state
+from .helpers import ROOT, gone, lab, qemu_pids, report, tcp_listeners, wait_state
 
 pytestmark = pytest.mark.integration
 
@@ -141,6 +142,12 @@ def test_up_ssh_cp_down(tmp_path: Path) -> None:
         assert f"ssh -F {out}/ssh_config l0" in r.stdout
         state = json.loads((out / "state.json").read_text())
         assert state["status"] == "up" and qemu_pids(state["sock_dir"])
+        # What another local user could reach: QEMU listens on TCP only for the SSH forward
+        # (127.0.0.1); its gdbstub, QMP and consoles are unix sockets in a 0700 directory.
+        (pid,) = qemu_pids(state["sock_dir"])
+        assert tcp_listeners(pid) == [("127.0.0.1", state["levels"]["l0"]["port"])]
+        assert state["gdb_socket"].startswith(state["sock_dir"] + "/")
+        assert os.stat(state["sock_dir"]).st_mode & 0o777 == 0o700
         # The real OpenSSH client with the run's ssh_config (pinned host key, no prompts).
         o = subprocess.run(["ssh", "-F", str(out / "ssh_config"), "-o", "BatchMode=yes", "l0",
                             "cat /proc/version"], capture_output=True, text=True, timeout=60)

@@ -232,3 +232,19 @@ def test_finish_cut_short_by_another_breakpoint(tmp_path: Path) -> None:
     assert "error" in res["with-return"][0]["captures"]["return"]
     assert res["with-return"][1]["captures"]["return"] == {"x": 1}
     assert len(res["entry-only"]) == 1
+
+
+def test_gdb_refuses_a_command_that_would_start_another(tmp_path: Path) -> None:
+    """A newline ends an MI command: whatever builds the command, nothing after it runs."""
+    import pytest
+
+    from lab.gdb import GdbError, GdbSession
+
+    g = GdbSession(tmp_path / "gdb.log")
+    try:
+        for bad in ("-break-insert foo\nshell touch /tmp/x", "print 1\rshell id", "p 1\x00"):
+            with pytest.raises(GdbError):
+                g.cmd(bad)
+        assert "gdb-ok" in g.console("echo gdb-ok\\n")
+    finally:
+        g.close()

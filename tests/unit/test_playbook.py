@@ -161,3 +161,55 @@ def test_extends_errors(tmp_path: Path) -> None:
     missing.write_text("extends: nope.yaml\n")
     with pytest.raises(UsageError, match=r"m.yaml:1: extends: no playbook"):
         playbook.load(missing)
+
+
+# -- values that would reach gdb, a shell or a path (issue: host-side holes) ----------------
+PROBE_PB = """\
+name: x
+topology: {l0: {}}
+probes:
+  - at: %s
+    if: %s
+    capture: {v: %s}
+"""
+
+
+@pytest.mark.parametrize("at, cond, cap, field", [
+    ('"kvm_mmu_sync_roots\\nshell id > /tmp/x"', "1", "1", "probes[0].at"),
+    ("kvm_mmu_sync_roots", '"1\\nshell id"', "1", "probes[0].if"),
+    ("kvm_mmu_sync_roots", "1", '"1\\nshell id"', "probes[0].capture.v"),
+    ("kvm_mmu_sync_roots", '"$_shell(\\"id\\")"', "1", "probes[0].if"),
+    ("kvm_mmu_sync_roots", "1", '"$_shell(\\"id\\") + 1"', "probes[0].capture.v"),
+    ('"foo; shell id"', "1", "1", "probes[0].at"),
+])
+def test_probe_values_that_would_reach_gdb_are_refused(tmp_path: Path, at: str, cond: str,
+                                                       cap: str, field: str) -> None:
+    p = make(tmp_path, PROBE_PB % (at, cond, cap))
+    msg = error_of(tmp_path, PROBE_PB % (at, cond, cap))
+    assert msg.startswith(f"{p}:") and field in msg, msg
+
+
+def test_allowed_gdb_functions_and_linespecs_pass(tmp_path: Path) -> None:
+    for at in ("handle_invept", "kvm_intel:handle_invept", "arch/x86/kvm/mmu/mmu.c:3500",
+               "'*0xffffffffc0384400'"):
+        playbook.load(make(tmp_path, PROBE_PB % (at, '"$_caller_is(\\"handle_invept\\", 1)"',
+                                                 "vcpu->arch.mmu")))
+
+
+@pytest.mark.parametrize("text, field", [
+    ('name: "x/../../../escaped"\ntopology: {l0: {}}\n', "name"),
+    ('name: ".hidden"\ntopology: {l0: {}}\n', "name"),
+    ("name: x\ntopology: {l0: {}}\nsteps: [{run: ''}]\n", "steps[0].run"),
+    ('name: x\ntopology: {l0: {}}\nsteps: [{run: "printf \\u001b[31m"}]\n', "steps[0].run"),
+    ('name: x\ntopology: {l0: {append: "quiet\\nshell"}}\n', "topology.l0.append"),
+    ('name: x\ntopology: {l0: {}}\nsteps: [{name: "a\\u0000b", run: "true"}]\n',
+     "steps[0].name"),
+])
+def test_content_is_checked_not_only_type(tmp_path: Path, text: str, field: str) -> None:
+    msg = error_of(tmp_path, text)
+    assert f": {field}: expected" in msg, msg
+
+
+def test_multiline_run_keeps_newlines_and_tabs(tmp_path: Path) -> None:
+    p = make(tmp_path, 'name: x\ntopology: {l0: {}}\nsteps: [{run: "a\\n\\tb"}]\n')
+    assert playbook.load(p).steps[0].run == "a\n\tb"

@@ -61,3 +61,17 @@ def test_junit_for_a_boot_failure(tmp_path: Path) -> None:
     r.write(tmp_path)
     suite = ET.parse(tmp_path / "junit.xml").getroot().find("testsuite")
     assert suite is not None and suite.get("errors") == "1"
+
+
+def test_control_characters_in_output_leave_junit_valid(tmp_path: Path) -> None:
+    s = step("failed", 1)
+    s.stdout = "\x1b[31mred\x00nul\x07\n"
+    s.message = "bad \x1b byte"
+    r = report([s])
+    r.write(tmp_path)
+    suite = ET.parse(tmp_path / "junit.xml").getroot().find("testsuite")  # parses
+    assert suite is not None
+    out = "".join(e.text or "" for e in suite.iter("system-out"))
+    assert "\\x1b[31mred\\x00nul\\x07" in out  # kept visible, not dropped
+    # report.json keeps the bytes exactly
+    assert json.loads((tmp_path / "report.json").read_text())["steps"][0]["stdout"] == s.stdout

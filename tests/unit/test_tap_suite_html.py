@@ -105,3 +105,16 @@ def test_report_html_has_verdict_tables_and_links(tmp_path: Path) -> None:
     page = html.render(rep, d)
     assert "FAILED" in page and "svm/c1" in page and "0x8000" in page and "invalid" in page
     assert 'href="junit.xml"' in page
+
+
+def test_a_run_whose_junit_cannot_be_read_is_an_error_not_an_empty_suite(
+        tmp_path: Path) -> None:
+    run_dir, rep = _report(tmp_path, "invept", ["passed", "passed"])
+    (run_dir / "junit.xml").write_bytes(b"<testsuites><testsuite>\x1b</testsuite>")
+    s = suite.Suite(tmp_path / "n.yaml", "nightly", "",
+                    [suite.Entry(Path("invept.yaml"), "passed")])
+    suite.write(s, tmp_path, [(s.entries[0], run_dir, rep)], 1.0)
+    sub = ET.parse(tmp_path / "junit.xml").getroot().find("testsuite")
+    assert sub is not None and sub.get("errors") == "1"
+    err = sub.find("testcase/error")
+    assert err is not None and "junit.xml unreadable" in err.get("message", "")

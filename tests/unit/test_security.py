@@ -1,0 +1,101 @@
+"""What another local user could plant for the lab to act on: runtime directories, lab
+records, run directories, caches. Each is refused before anything acts on it (no VM here)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from lab import procs
+
+ROOT = Path(__file__).resolve().parents[2]
+OTHER_UID = 12345
+
+
+def lab(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "lab", *args], capture_output=True, text=True,
+                          timeout=120, cwd=ROOT, env={**os.environ, **env})
+
+
+needs_root = pytest.mark.skipif(os.getuid() != 0, reason="planting another user's directory "
+                                "needs chown, which only root may do")
+
+
+def test_private_dir_refuses_symlinks_and_open_modes(tmp_path: Path) -> None:
+    ok = procs.private_dir(tmp_path / "mine", "x")
+    assert ok.stat().st_mode & 0o777 == 0o700
+    (tmp_path / "open").mkdir(mode=0o755)
+    os.chmod(tmp_path / "open", 0o755)
+    with pytest.raises(procs.UnsafeDirectory, match="mode 755"):
+        procs.private_dir(tmp_path / "open", "x")
+    (tmp_path / "link").symlink_to(tmp_path / "mine")
+    with pytest.raises(procs.UnsafeDirectory, match="symlink"):
+        procs.private_dir(tmp_path / "link", "x")
+
+
+@needs_root
+def test_planted_runtime_directory_is_refused_and_its_record_not_acted_on(
+        tmp_path: Path) -> None:
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / "precious").write_text("keep me")
+    planted = tmp_path / "xdg" / "lab"
+    (planted / "labs").mkdir(parents=True, mode=0o700)
+    (planted / "labs" / "x.json").write_text(json.dumps(
+        {"id": "x", "owner_pid": 0, "sock_dir": str(victim), "pids": [1], "run_dir": "/"}))
+    for d in (planted, planted / "labs"):
+        os.chmod(d, 0o700)
+        os.chown(d, OTHER_UID, OTHER_UID)
+    r = lab("doctor", env={"XDG_RUNTIME_DIR": str(tmp_path / "xdg"),
+                           "LAB_CACHE": str(tmp_path / "cache")})
+    assert r.returncode == 3 and f"belongs to uid {OTHER_UID}" in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr
+    assert (victim / "precious").read_text() == "keep me"
+
+
+def test_a_record_naming_a_directory_not_ours_is_dropped(tmp_path: Path) -> None:
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / "precious").write_text("keep me")
+    reg = procs.Registry(procs.private_dir(tmp_path / "rt", "rt") / "labs")
+    reg.write("x", {"id": "x", "owner_pid": 0, "sock_dir": str(victim), "pids": []})
+    reg.reap()
+    assert (victim / "precious").exists() and not reg.records()
+
+
+@needs_root
+def test_run_directory_of_another_user_is_refused_before_anything_boots(
+        tmp_path: Path) -> None:
+    planted = tmp_path / "run"
+    planted.mkdir(mode=0o700)
+    os.chown(planted, OTHER_UID, OTHER_UID)
+    r = lab("run", "playbooks/smoke.yaml", "--out", str(planted),
+            env={"LAB_CACHE": str(tmp_path / "cache")})
+    assert r.returncode == 2 and f"belongs to uid {OTHER_UID}" in r.stderr, r.stderr
+    assert not (planted / "state.json").exists()
+    # and `lab ssh --run` will not take ssh_config from such a directory
+    (planted / "state.json").write_text("{}")
+    r = lab("ssh", "--run", str(planted), "l0", "--", "true",
+            env={"LAB_CACHE": str(tmp_path / "cache")})
+    assert r.returncode == 2 and f"belongs to uid {OTHER_UID}" in r.stderr, r.stderr
+
+
+def test_new_run_directories_are_private(tmp_path: Path) -> None:
+    from lab.cli import _new_run_dir
+
+    d = _new_run_dir(str(tmp_path / "runs" / "r1"), "x")
+    assert d.stat().st_mode & 0o777 == 0o700
+
+
+@needs_root
+def test_cache_of_another_user_is_refused(tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    cache.mkdir(mode=0o755)
+    os.chown(cache, OTHER_UID, OTHER_UID)
+    r = lab("doctor", env={"LAB_CACHE": str(cache)})
+    assert r.returncode == 3 and "cache belongs to uid" in r.stderr, r.stderr
