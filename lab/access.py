@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,8 +40,10 @@ def write_ssh_files(run_dir: Path, key_file: Path, levels: list[LevelAccess]) ->
 
 
 def write_state(run_dir: Path, state: dict[str, Any]) -> None:
-    tmp = run_dir / "state.json.tmp"
-    tmp.write_text(json.dumps(state, indent=1))
+    # A temp file of its own per writer (two threads write state.json), renamed over.
+    fd, tmp = tempfile.mkstemp(prefix=".state-", suffix=".json", dir=run_dir)
+    with os.fdopen(fd, "w") as f:
+        f.write(json.dumps(state, indent=1))
     os.replace(tmp, run_dir / "state.json")
 
 

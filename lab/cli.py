@@ -475,8 +475,11 @@ def cmd_cp(args: argparse.Namespace) -> int:
             print(f"{src} -> {level}:{target}")
         else:
             assert rs is not None
-            s.get(rs[1], Path(dst))  # type: ignore[attr-defined]
-            print(f"{level}:{rs[1]} -> {dst}")
+            local_dst = Path(dst)
+            if local_dst.is_dir():  # `lab cp l2:/path .`, as cp does
+                local_dst = local_dst / Path(rs[1]).name
+            s.get(rs[1], local_dst)  # type: ignore[attr-defined]
+            print(f"{level}:{rs[1]} -> {local_dst}")
     finally:
         for x in reversed(sessions):
             x.close()  # type: ignore[attr-defined]

@@ -9,6 +9,7 @@ into the image's key: nothing changed, nothing rebuilt.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -112,6 +113,8 @@ class BuiltImage:
 
     @classmethod
     def load(cls, d: Path) -> BuiltImage:
+        with contextlib.suppress(OSError):  # images built before it was made private
+            os.chmod(d / "initrd.cpio", 0o600)
         m = json.loads((d / "manifest.json").read_text())
         return cls(key=m["key"], dir=d, manifest=m)
 
@@ -182,7 +185,11 @@ class Builder:
                     # Built earlier with --no-debug: the image is the same, the symbols
                     # beside it are fetched now.
                     img.manifest["debug"] = _debug_manifest(self._debug(recipe))
-                    (out / "manifest.json").write_text(json.dumps(img.manifest, indent=1))
+                    # A new file renamed over the old one: a full disk never leaves an
+                    # empty manifest behind (every later run would fail on it).
+                    mtmp = out / ".manifest.json.tmp"
+                    mtmp.write_text(json.dumps(img.manifest, indent=1))
+                    os.replace(mtmp, out / "manifest.json")
                 return img
             self.log(f"building image {recipe.name} ({kernel.label}"
                      f"{', carrying ' + str(child.manifest['recipe']) if child else ''})")
@@ -192,7 +199,9 @@ class Builder:
             host_pub = make_host_key(tmp / "host_key")
             plan.files["etc/dropbear/dropbear_ed25519_host_key"] = tmp / "host_key"
             shutil.copyfile(kernel.bzimage, tmp / "vmlinuz")
-            with open(tmp / "initrd.cpio", "wb") as f:
+            # The image holds its SSH host key's private half: readable by this user only.
+            fd = os.open(tmp / "initrd.cpio", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "wb") as f:
                 self._tree(plan).write(f)
             (tmp / "host_key").unlink()  # the private half lives only inside the image
             debug = self._debug(recipe) if with_debug else None

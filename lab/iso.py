@@ -6,6 +6,7 @@ from there to a Linux kernel with an initramfs and a command line (FACTS.md, poc
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -61,6 +62,10 @@ def make_boot_iso(kernel: Path, initrd: Path, append: str, dest: Path,
                 (tree / name).hardlink_to(src)
             except OSError:
                 shutil.copyfile(src, tree / name)
+        # It carries the initramfs, and so the image's SSH host key: this user's only (the
+        # file exists 0600 before genisoimage writes into it).
+        os.close(os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600))
+        os.chmod(dest, 0o600)
         cmd = ["genisoimage", "-quiet", "-o", str(dest), "-b", "isolinux/isolinux.bin",
                "-c", "isolinux/boot.cat", "-no-emul-boot", "-boot-load-size", "4",
                "-boot-info-table", "-R", "-J", str(tree)]

@@ -136,8 +136,12 @@ def _memo_resolve(package: str, version: str | None) -> AptPackage:
 def _download(pkg: AptPackage, dest: Path) -> Path:
     dest.mkdir(parents=True, exist_ok=True)
     deb = dest / f"{pkg.name}_{pkg.version.replace(':', '%3a')}_amd64.deb"
+    if not pkg.sha256:
+        # apt always records one: without it nothing would check what was downloaded.
+        raise LabError(f"{pkg.name}={pkg.version}: apt has no SHA256 for it; refusing to use "
+                       "an unchecked download")
     with locked(dest / f"{pkg.name}.lock"):
-        if deb.exists() and (not pkg.sha256 or file_sha256(deb) == pkg.sha256):
+        if deb.exists() and file_sha256(deb) == pkg.sha256:
             return deb
         tmp = dest / f".tmp-{pkg.name}"
         shutil.rmtree(tmp, ignore_errors=True)
@@ -145,7 +149,7 @@ def _download(pkg: AptPackage, dest: Path) -> Path:
         _run(["apt-get", "download", "-q", f"{pkg.name}={pkg.version}"],
              f"downloading {pkg.name}", cwd=tmp)
         got = next(tmp.glob("*.deb"))
-        if pkg.sha256 and file_sha256(got) != pkg.sha256:
+        if file_sha256(got) != pkg.sha256:
             raise LabError(f"{got.name}: SHA256 does not match apt's record")
         got.rename(deb)
         shutil.rmtree(tmp, ignore_errors=True)

@@ -37,6 +37,7 @@ from lab.ssh import SSHSession
 PROGRESS_WINDOW = 30.0
 RESTORE_BUDGET = 60.0  # seconds (x host speed factor) for every level to answer after a restore
 CHILD_SSH_PORT = 10022  # on the parent's loopback; each parent is its own machine
+STEP_OUTPUT_KEEP = 64 << 10  # bytes of head and of tail of a step's output kept in the report
 MARK_INIT = r"LAB-INIT: start"
 MARK_READY = r"LAB-INIT: ready"
 MARK_ERROR = r"LAB-INIT: error: "
@@ -770,7 +771,9 @@ class Lab:
 
     # -- steps -----------------------------------------------------------------------------
     def run_steps(self) -> None:
-        for step in self.pb.steps:
+        steps_dir = self.run_dir / "steps"
+        steps_dir.mkdir(mode=0o700, exist_ok=True)
+        for i, step in enumerate(self.pb.steps, 1):
             ssh = self.levels[step.on].ssh
             assert ssh is not None
             self.log(f"[{step.on}] {step.name}: {step.run.strip().splitlines()[0]}")
@@ -780,13 +783,20 @@ class Lab:
                              expected=step.expect, status="error", timeout=timeout)
             self.report.steps.append(res)
             t = time.monotonic()
+            # Every byte of the output goes to RUN/steps/ as it came (binary kept exact); the
+            # report keeps a bounded head and tail, however much the step prints.
+            base = steps_dir / f"{i:02d}-{_file_name(step.name)}"
+            res.output_files = [f"steps/{base.name}.out", f"steps/{base.name}.err"]
             try:
-                r = ssh.run(step.run, timeout=timeout, check=self.check)
+                with open(f"{base}.out", "wb") as fo, open(f"{base}.err", "wb") as fe:
+                    r = ssh.run(step.run, timeout=timeout, check=self.check,
+                                keep=STEP_OUTPUT_KEEP, sinks=(fo, fe))
             except LabError as e:
                 res.seconds = round(time.monotonic() - t, 3)
                 res.message = str(e).splitlines()[0]
                 raise
             res.exit_status, res.stdout, res.stderr = r.exit_status, r.stdout, r.stderr
+            res.stdout_bytes, res.stderr_bytes = r.stdout_bytes, r.stderr_bytes
             res.seconds = round(r.seconds, 3)
             res.status = "passed"
             if step.tap:
@@ -827,6 +837,12 @@ class Lab:
 
     def logs(self) -> dict[str, str]:
         return {p.name: p.name for p in sorted(self.run_dir.glob("*.log"))}
+
+
+def _file_name(name: str) -> str:
+    """A step's name as part of a file name: nothing in it can leave the directory."""
+    safe = "".join(c if c.isalnum() or c in "-_." else "-" for c in name).strip(".-")
+    return safe[:60] or "step"
 
 
 def _indent(text: str, prefix: str = "    ") -> str:

@@ -26,6 +26,9 @@ class StepResult:
     message: str = ""
     cases: list[dict[str, Any]] = field(default_factory=list)  # TAP cases, if the step has them
     timeout: float | None = None  # seconds, as scaled to this host's speed
+    stdout_bytes: int = 0  # what the step printed in all (stdout/stderr keep head and tail)
+    stderr_bytes: int = 0
+    output_files: list[str] = field(default_factory=list)  # every byte, in the run directory
 
 
 @dataclass

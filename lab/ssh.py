@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import paramiko
 
@@ -32,9 +32,45 @@ _paramiko_log.propagate = False
 class RunResult:
     command: str
     exit_status: int
-    stdout: str
+    stdout: str  # all of it, or its head and tail when it was longer than `keep`
     stderr: str
     seconds: float
+    stdout_bytes: int = 0  # how much the command printed, whatever was kept
+    stderr_bytes: int = 0
+
+
+class Capture:
+    """One output stream of a command: every byte to `sink` (if any), and a bounded head and
+    tail in memory, so that a command printing gigabytes costs the lab no more than `keep`."""
+
+    def __init__(self, keep: int, sink: IO[bytes] | None = None) -> None:
+        self.keep = keep
+        self.sink = sink
+        self.head = bytearray()
+        self.tail = bytearray()
+        self.total = 0
+
+    def add(self, data: bytes) -> None:
+        self.total += len(data)
+        if self.sink is not None:
+            self.sink.write(data)
+        room = self.keep - len(self.head)
+        if room > 0:
+            self.head += data[:room]
+            data = data[room:]
+        if data:
+            self.tail += data
+            if len(self.tail) > self.keep:
+                del self.tail[:len(self.tail) - self.keep]
+
+    def text(self) -> str:
+        kept = len(self.head) + len(self.tail)
+        body = bytes(self.head)
+        if self.tail:
+            cut = self.total - kept
+            body += (f"\n[... {cut} bytes not kept here ...]\n".encode() if cut else b"") \
+                + bytes(self.tail)
+        return body.decode(errors="replace")
 
 
 def parse_host_key(line: str) -> paramiko.PKey:
@@ -134,15 +170,19 @@ class SSHSession:
 
     # -- commands --------------------------------------------------------------------------
     def run(self, command: str, timeout: float = 60.0, stdin: bytes | None = None,
-            check: Callable[[], None] | None = None) -> RunResult:
+            check: Callable[[], None] | None = None, keep: int = 8 << 20,
+            sinks: tuple[IO[bytes], IO[bytes]] | None = None) -> RunResult:
         """Run `command` in the guest's shell; return its status and output.
 
         Raises CommandTimeout after `timeout` seconds. `check` is called a few times a second
-        so that a crash elsewhere in the lab ends the wait at once.
+        so that a crash elsewhere in the lab ends the wait at once; both run on every turn of
+        the loop, however fast the command prints. Of each stream, at most `keep` bytes of
+        head and of tail stay in memory; `sinks` (stdout, stderr) get every byte as it came.
         """
         t0 = time.monotonic()
         chan = self._open_session(min(timeout, 120), check)
-        out, err = bytearray(), bytearray()
+        out = Capture(keep, sinks[0] if sinks else None)
+        err = Capture(keep, sinks[1] if sinks else None)
         try:
             chan.settimeout(0.0)
             chan.exec_command(command)
@@ -150,30 +190,32 @@ class SSHSession:
                 chan.sendall(stdin)
             chan.shutdown_write()
             while True:
+                got = False
                 if chan.recv_ready():
-                    out += chan.recv(65536)
-                    continue
+                    out.add(chan.recv(65536))
+                    got = True
                 if chan.recv_stderr_ready():
-                    err += chan.recv_stderr(65536)
-                    continue
-                if chan.exit_status_ready() and not chan.recv_ready() \
+                    err.add(chan.recv_stderr(65536))
+                    got = True
+                if not got and chan.exit_status_ready() and not chan.recv_ready() \
                         and not chan.recv_stderr_ready():
                     break
                 if time.monotonic() - t0 > timeout:
                     raise CommandTimeout(f"{self.level}: `{command}` did not finish in "
                                          f"{timeout:g} s", level=self.level,
-                                         detail=(out + err).decode(errors="replace")[-2000:])
+                                         detail=(out.text() + err.text())[-2000:])
                 if not self.require().is_active():
                     raise SSHError(f"{self.level}: connection lost during `{command}`",
                                    level=self.level)
                 if check:
                     check()
-                select.select([chan], [], [], 0.1)
+                if not got:
+                    select.select([chan], [], [], 0.1)
             status = chan.recv_exit_status()
         finally:
             chan.close()
-        return RunResult(command, status, out.decode(errors="replace"),
-                         err.decode(errors="replace"), time.monotonic() - t0)
+        return RunResult(command, status, out.text(), err.text(), time.monotonic() - t0,
+                         stdout_bytes=out.total, stderr_bytes=err.total)
 
     def _open_session(self, timeout: float,
                       check: Callable[[], None] | None) -> paramiko.Channel:

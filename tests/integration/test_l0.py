@@ -94,6 +94,32 @@ def test_failed_step_gives_exit_1_and_runs_the_rest(tmp_path: Path) -> None:
     assert rep["steps"][1]["exit_status"] == 3 and "bad" in rep["steps"][1]["stdout"]
 
 
+FLOOD = """\
+name: flood
+topology:
+  l0: {image: %s}
+steps:
+  - {name: binary, run: "head -c 20000000 /dev/urandom"}
+  - {name: endless, run: "yes", timeout: 5}
+"""
+
+
+def test_step_output_is_streamed_to_files_and_capped_in_the_report(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    r = lab("run", str(playbook(tmp_path, FLOOD)), "--out", str(out))
+    assert r.returncode == 3, r.stdout + r.stderr  # the endless step timed out
+    rep = report(out)
+    binary, endless = rep["steps"]
+    assert binary["status"] == "passed" and binary["stdout_bytes"] == 20_000_000
+    assert (out / binary["output_files"][0]).stat().st_size == 20_000_000  # every byte
+    assert len(binary["stdout"]) < 300_000 and "bytes not kept here" in binary["stdout"]
+    # A step that never stops printing still ends at its timeout (scaled to the host).
+    assert endless["status"] == "error" and "did not finish" in endless["message"]
+    assert endless["seconds"] < 5 * rep["host_speed"]["factor"] + 30
+    assert (out / endless["output_files"][0]).stat().st_size > 0
+    assert (out / "report.json").stat().st_size < 2_000_000
+
+
 def test_two_labs_side_by_side(tmp_path: Path) -> None:
     outs = [tmp_path / "a", tmp_path / "b"]
     with ThreadPoolExecutor(2) as pool:

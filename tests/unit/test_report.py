@@ -75,3 +75,22 @@ def test_control_characters_in_output_leave_junit_valid(tmp_path: Path) -> None:
     assert "\\x1b[31mred\\x00nul\\x07" in out  # kept visible, not dropped
     # report.json keeps the bytes exactly
     assert json.loads((tmp_path / "report.json").read_text())["steps"][0]["stdout"] == s.stdout
+
+
+def test_capture_keeps_head_and_tail_and_sends_every_byte_on() -> None:
+    import io
+
+    from lab.ssh import Capture
+
+    sink = io.BytesIO()
+    c = Capture(keep=10, sink=sink)
+    for chunk in (b"0123456789abc", b"\x00\xff" * 50, b"THE-END"):
+        c.add(chunk)
+    assert c.total == 13 + 100 + 7 and sink.getvalue().endswith(b"THE-END")
+    assert len(sink.getvalue()) == c.total  # byte-exact, binary included
+    t = c.text()
+    assert t.startswith("0123456789") and t.endswith("THE-END")
+    assert f"[... {c.total - 20} bytes not kept here ...]" in t
+    small = Capture(keep=100)
+    small.add(b"hello")
+    assert small.text() == "hello"
