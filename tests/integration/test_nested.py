@@ -13,7 +13,7 @@ import pytest
 
 from .helpers import ROOT, gone, lab, qemu_pids, report
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.xdist_group("labs")]
 
 
 @pytest.fixture(scope="module")
