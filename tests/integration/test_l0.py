@@ -16,7 +16,7 @@ import pytest
 
 from .helpers import ROOT, gone, lab, qemu_pids, report, tcp_listeners, wait_state
 
-pytestmark = [pytest.mark.integration, pytest.mark.xdist_group("labs")]
+pytestmark = pytest.mark.integration
 
 SLEEPY = """\
 name: sleepy

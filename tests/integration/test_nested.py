@@ -13,7 +13,7 @@ import pytest
 
 from .helpers import ROOT, gone, lab, qemu_pids, report
 
-pytestmark = [pytest.mark.integration, pytest.mark.xdist_group("labs")]
+pytestmark = pytest.mark.integration
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ import pytest
 
 from .helpers import lab
 
-pytestmark = [pytest.mark.integration, pytest.mark.xdist_group("nightly")]
+pytestmark = pytest.mark.integration
 
 KVM_MMU_ROOTS_ALL = (1 << 64) - 1  # ~0UL in arch/x86/include/asm/kvm_host.h
 EPTP_PA_MASK = ((1 << 52) - 1) & ~0xFFF

@@ -15,7 +15,7 @@ from lab.cache import cache_root
 
 from .helpers import ROOT, gone, lab, qemu_pids, report
 
-pytestmark = [pytest.mark.integration, pytest.mark.xdist_group("labs")]
+pytestmark = pytest.mark.integration
 
 L2_CLOCK = """\
 extends: %s
