@@ -1,9 +1,11 @@
 """A level's serial console: logged in full, watched for crashes, waited on for boot markers.
 
-pexpect (fdpexpect on the console's socket) splits the stream into lines on a reader thread;
-each line is timestamped, written to the run directory's log (raw bytes go to the log as they
-came), and checked for a kernel crash. A crash is noticed the moment its first line arrives, so
-the lab fails fast instead of waiting out a timeout.
+A reader thread splits the console's socket stream into lines; each line is timestamped,
+written to the run directory's log (raw bytes go to the log as they came), and checked for a
+kernel crash. A line is kept in memory in pieces of at most MAX_LINE_BYTES, so a guest that
+prints without end costs the lab bounded memory and time (pexpect, which did this before,
+keeps every byte since its last match and searches it again). A crash is noticed the moment
+its first line arrives, so the lab fails fast instead of waiting out a timeout.
 """
 
 from __future__ import annotations
@@ -16,9 +18,6 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-
-import pexpect
-from pexpect import fdpexpect
 
 from lab.errors import BootError, GuestCrash, VMDied
 
@@ -40,6 +39,7 @@ CRASH_PATTERNS: list[tuple[str, re.Pattern[str]]] = [
 EXCERPT_BEFORE = 5
 EXCERPT_AFTER = 60
 MAX_LINES = 20000
+MAX_LINE_BYTES = 16 << 10  # a longer line is kept in pieces (the log file has it whole)
 
 
 def classify(line: str) -> str | None:
@@ -112,25 +112,35 @@ class Console:
 
     def _start(self, sock: socket.socket) -> None:
         self._sock = sock
-        child = fdpexpect.fdspawn(sock.fileno(), timeout=1, encoding=None)
-        child.logfile_read = self._log
-        self._thread = threading.Thread(target=self._reader, args=(child,),
+        self._thread = threading.Thread(target=self._reader, args=(sock,),
                                         name=f"console-{self.level}", daemon=True)
         self._thread.start()
 
-    def _reader(self, child: fdpexpect.fdspawn) -> None:
+    def _reader(self, sock: socket.socket) -> None:
+        pending = bytearray()
+        sock.settimeout(0.5)
         while True:
             try:
-                idx = child.expect([b"\n", pexpect.TIMEOUT, pexpect.EOF], timeout=0.5)
-            except (OSError, ValueError):
-                idx = 2
-            if idx == 0:
-                self._line(child.before)
-            elif idx == 2:
-                rest = child.before if isinstance(child.before, bytes) else b""
-                if rest:
-                    self._line(rest)
+                data = sock.recv(65536)
+            except TimeoutError:
+                continue
+            except OSError:
                 break
+            if not data:
+                break
+            self._log.write(data)
+            pending += data
+            start = 0
+            while (nl := pending.find(b"\n", start)) >= 0:
+                self._line(bytes(pending[start:nl]))
+                start = nl + 1
+            del pending[:start]
+            while len(pending) > MAX_LINE_BYTES:  # an endless line, kept in pieces
+                self._line(bytes(pending[:MAX_LINE_BYTES]))
+                del pending[:MAX_LINE_BYTES]
+            self._log.flush()
+        if pending:
+            self._line(bytes(pending))
         self._log.flush()
         with self._cond:
             self.closed = True

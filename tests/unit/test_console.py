@@ -93,3 +93,19 @@ def test_closed_console_is_reported(tmp_path: Path) -> None:
         con.wait_for("never", timeout=10)
     assert "last words" in str(e.value)
     con.close()
+
+
+def test_an_endless_line_is_kept_in_bounded_pieces(tmp_path: Path) -> None:
+    from lab.console import MAX_LINE_BYTES
+
+    con, peer = _console(tmp_path)
+    blob = b"x" * (MAX_LINE_BYTES * 10 + 5)
+    peer.sendall(blob)
+    time.sleep(1.5)  # no newline: the reader cuts on its timeout
+    peer.sendall(b"\nLAB-INIT: ready\n")
+    con.wait_for("LAB-INIT: ready", timeout=5)
+    assert max(len(ln.text) for ln in con.lines) <= MAX_LINE_BYTES
+    assert sum(len(ln.text) for ln in con.lines[:-1]) == len(blob)
+    peer.close()
+    con.close()
+    assert (tmp_path / "l9.console.log").read_bytes().startswith(blob)  # the log has it whole
