@@ -438,15 +438,27 @@ def cmd_ssh(args: argparse.Namespace) -> int:
     if not cmd:
         # An interactive shell wants the real OpenSSH client and a terminal.
         os.execvp("ssh", ["ssh", "-F", str(run_dir / "ssh_config"), args.level])
-    sessions = _sessions(run_dir, args.level)
+    from lab.errors import CommandTimeout, SSHError
+
     try:
-        r = sessions[-1].run(" ".join(cmd), timeout=args.timeout)  # type: ignore[attr-defined]
-    finally:
-        for s in reversed(sessions):
-            s.close()  # type: ignore[attr-defined]
-    sys.stdout.write(r.stdout)
-    sys.stderr.write(r.stderr)
+        sessions = _sessions(run_dir, args.level)
+        try:
+            # Output goes out as it comes, byte for byte (binary included), nothing kept.
+            r = sessions[-1].run(" ".join(cmd), timeout=args.timeout, keep=0,  # type: ignore
+                                 sinks=(sys.stdout.buffer, sys.stderr.buffer))
+        finally:
+            sys.stdout.buffer.flush()
+            sys.stderr.buffer.flush()
+            for s in reversed(sessions):
+                s.close()  # type: ignore[attr-defined]
+    except (SSHError, CommandTimeout) as e:
+        # Our own failure, told apart from the command's status as ssh does: 255.
+        print(f"lab: error: {e}", file=sys.stderr)
+        return EXIT_SSH
     return int(r.exit_status)
+
+
+EXIT_SSH = 255  # `lab ssh` could not run the command (as OpenSSH's ssh)
 
 
 def cmd_cp(args: argparse.Namespace) -> int:
@@ -525,7 +537,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("ssh", help="a shell or a command on a level of a running lab")
     s.add_argument("--run", help="run directory (default: the most recent lab that is up)")
-    s.add_argument("--timeout", type=float, default=600.0)
+    s.add_argument("--timeout", type=float, default=600.0,
+                   help="seconds the command may run (default 600)")
     s.add_argument("level")
     s.add_argument("command", nargs=argparse.REMAINDER)
     s.set_defaults(func=cmd_ssh)

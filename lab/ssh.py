@@ -11,6 +11,7 @@ import base64
 import logging
 import select
 import socket
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -184,8 +185,9 @@ class SSHSession:
         out = Capture(keep, sinks[0] if sinks else None)
         err = Capture(keep, sinks[1] if sinks else None)
         try:
+            _bounded(lambda: chan.exec_command(command), min(timeout, 120),
+                     f"{self.level}: the request to run `{command[:60]}`", chan)
             chan.settimeout(0.0)
-            chan.exec_command(command)
             if stdin is not None:
                 chan.sendall(stdin)
             chan.shutdown_write()
@@ -253,7 +255,9 @@ class SSHSession:
 
     # -- files -----------------------------------------------------------------------------
     def _sftp(self) -> paramiko.SFTPClient:
-        sftp = paramiko.SFTPClient.from_transport(self.require())
+        transport = self.require()
+        sftp = _bounded(lambda: paramiko.SFTPClient.from_transport(transport), 120,
+                        f"{self.level}: opening SFTP", None)
         if sftp is None:
             raise SSHError(f"{self.level}: no SFTP subsystem", level=self.level)
         chan = sftp.get_channel()
@@ -269,6 +273,30 @@ class SSHSession:
     def get(self, remote: str, local: Path) -> None:
         with self._sftp() as sftp:
             sftp.get(remote, str(local))
+
+
+def _bounded(call: Callable[[], Any], timeout: float, what: str,
+             chan: paramiko.Channel | None) -> Any:
+    """`call` (a paramiko request that waits for the server's answer with no deadline of its
+    own: exec, subsystem) with one: past `timeout` the channel is closed and SSHError raised."""
+    box: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            box["value"] = call()
+        except BaseException as e:  # handed to the caller's thread
+            box["error"] = e
+
+    th = threading.Thread(target=run, daemon=True, name="ssh-request")
+    th.start()
+    th.join(timeout)
+    if th.is_alive():
+        if chan is not None:
+            chan.close()
+        raise SSHError(f"{what}: no answer within {timeout:g} s")
+    if "error" in box:
+        raise box["error"]
+    return box.get("value")
 
 
 def _quote(s: str) -> str:

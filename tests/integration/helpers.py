@@ -84,8 +84,7 @@ def alive(pid: int) -> bool:
         return False
 
 
-def tcp_listeners(pid: int) -> list[tuple[str, int]]:
-    """(address, port) of every listening TCP socket the process holds (IPv4 and IPv6)."""
+def _socket_inodes(pid: int) -> set[str]:
     inodes = set()
     for fd in Path(f"/proc/{pid}/fd").iterdir():
         try:
@@ -94,6 +93,24 @@ def tcp_listeners(pid: int) -> list[tuple[str, int]]:
             continue
         if target.startswith("socket:["):
             inodes.add(target[8:-1])
+    return inodes
+
+
+def unix_listeners(pid: int) -> list[str]:
+    """Paths of the listening unix sockets the process holds (as `ss -xlp` shows them)."""
+    inodes = _socket_inodes(pid)
+    out = []
+    for line in Path("/proc/net/unix").read_text().splitlines()[1:]:
+        f = line.split()
+        # Flags 00010000: accepting connections (a listener).
+        if len(f) >= 8 and f[6] in inodes and int(f[3], 16) & 0x10000:
+            out.append(f[7])
+    return out
+
+
+def tcp_listeners(pid: int) -> list[tuple[str, int]]:
+    """(address, port) of every listening TCP socket the process holds (IPv4 and IPv6)."""
+    inodes = _socket_inodes(pid)
     out = []
     for table in ("tcp", "tcp6"):
         for line in Path(f"/proc/net/{table}").read_text().splitlines()[1:]:

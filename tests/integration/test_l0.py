@@ -14,7 +14,16 @@ from pathlib import Path
 
 import pytest
 
-from .helpers import ROOT, gone, lab, qemu_pids, report, tcp_listeners, wait_state
+from .helpers import (
+    ROOT,
+    gone,
+    lab,
+    qemu_pids,
+    report,
+    tcp_listeners,
+    unix_listeners,
+    wait_state,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -172,6 +181,9 @@ def test_up_ssh_cp_down(tmp_path: Path) -> None:
         # (127.0.0.1); its gdbstub, QMP and consoles are unix sockets in a 0700 directory.
         (pid,) = qemu_pids(state["sock_dir"])
         assert tcp_listeners(pid) == [("127.0.0.1", state["levels"]["l0"]["port"])]
+        socks = unix_listeners(pid)
+        assert state["gdb_socket"] in socks and len(socks) >= 3  # gdb, QMP, consoles
+        assert all(p.startswith(state["sock_dir"] + "/") for p in socks), socks
         assert state["gdb_socket"].startswith(state["sock_dir"] + "/")
         assert os.stat(state["sock_dir"]).st_mode & 0o777 == 0o700
         # The real OpenSSH client with the run's ssh_config (pinned host key, no prompts).
@@ -180,6 +192,14 @@ def test_up_ssh_cp_down(tmp_path: Path) -> None:
         assert o.returncode == 0 and "Linux version" in o.stdout, o.stderr
         s = lab("ssh", "--run", str(out), "l0", "--", "echo", "hello-$((6*7))", "&&", "exit 4")
         assert s.returncode == 4 and "hello-42" in s.stdout
+        # Binary output byte for byte; `lab ssh`'s own failure (here its timeout) is 255, as
+        # ssh's is, never confused with the command's status.
+        raw = subprocess.run([sys.executable, "-m", "lab", "ssh", "--run", str(out), "l0", "--",
+                              "printf '\\377\\000\\001\\r\\n'"], cwd=ROOT,
+                             capture_output=True, timeout=60)
+        assert raw.returncode == 0 and raw.stdout == b"\xff\x00\x01\r\n", raw
+        t = lab("ssh", "--run", str(out), "--timeout", "2", "l0", "--", "sleep 30")
+        assert t.returncode == 255 and "did not finish" in t.stderr, t.stderr
         script = tmp_path / "probe.sh"
         script.write_text("#!/bin/sh\necho uploaded-ran $(hostname)\n")
         script.chmod(0o755)
