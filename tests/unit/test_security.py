@@ -99,3 +99,26 @@ def test_cache_of_another_user_is_refused(tmp_path: Path) -> None:
     os.chown(cache, OTHER_UID, OTHER_UID)
     r = lab("doctor", env={"LAB_CACHE": str(cache)})
     assert r.returncode == 3 and "cache belongs to uid" in r.stderr, r.stderr
+
+
+def test_down_signals_only_the_owner_it_can_prove(tmp_path: Path) -> None:
+    """state.json names a pid; by now that pid may be any process. `lab down` signals it only
+    when its start time is the one the lab recorded."""
+    bystander = subprocess.Popen(["sleep", "60"])
+    try:
+        run = procs.private_dir(tmp_path / "run", "run")
+        (run / "state.json").write_text(json.dumps({
+            "status": "up", "owner_pid": bystander.pid, "owner_start": 1, "qemu_pid": None,
+            "sock_dir": "/nonexistent", "levels": {}}))
+        r = lab("down", "--run", str(run), env={"LAB_CACHE": str(tmp_path / "cache")})
+        assert r.returncode == 0, r.stderr
+        assert bystander.poll() is None, "lab down killed a process it could not prove"
+        # With the right start time it is the owner, and it is stopped.
+        st = json.loads((run / "state.json").read_text())
+        st["owner_start"] = procs.start_time(bystander.pid)
+        (run / "state.json").write_text(json.dumps(st))
+        lab("down", "--run", str(run), env={"LAB_CACHE": str(tmp_path / "cache")})
+        assert bystander.wait(timeout=30) is not None
+    finally:
+        bystander.kill()
+        bystander.wait()
