@@ -102,6 +102,8 @@ class Lab:
     def __enter__(self) -> Lab:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self._register()
+        # From the start: whoever looks at the run (lab down, tests) finds its socket dir.
+        access.write_state(self.run_dir, self.state("booting"))
         return self
 
     def __exit__(self, *exc: object) -> None:
