@@ -31,7 +31,7 @@ from lab.qmp import QMP
 FORMAT = 1
 STREAM = "l0.migration"
 META = "meta.json"
-KEEP = 4  # saved labs kept in the cache (each is about L0's used memory)
+KEEP = 6  # saved labs kept in the cache (each is about L0's used memory)
 
 
 class SnapshotError(LabError):
