@@ -36,6 +36,7 @@ KEEP = 6  # saved labs kept in the cache (each is about L0's used memory)
 
 class SnapshotError(LabError):
     kind = "snapshot"
+    keep = False  # the saved lab itself is fine (the failure was this restore's, not its)
 
 
 @dataclass
