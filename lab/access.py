@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from lab.cache import write_atomic
 from lab.errors import UsageError
 from lab.procs import Registry, alive
 
@@ -40,11 +39,7 @@ def write_ssh_files(run_dir: Path, key_file: Path, levels: list[LevelAccess]) ->
 
 
 def write_state(run_dir: Path, state: dict[str, Any]) -> None:
-    # A temp file of its own per writer (two threads write state.json), renamed over.
-    fd, tmp = tempfile.mkstemp(prefix=".state-", suffix=".json", dir=run_dir)
-    with os.fdopen(fd, "w") as f:
-        f.write(json.dumps(state, indent=1))
-    os.replace(tmp, run_dir / "state.json")
+    write_atomic(run_dir / "state.json", json.dumps(state, indent=1))  # two threads write it
 
 
 def read_state(run_dir: Path) -> dict[str, Any]:

@@ -10,6 +10,7 @@ import contextlib
 import fcntl
 import hashlib
 import os
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -31,6 +32,20 @@ def cache_root() -> Path:
                        f"{st.st_mode & 0o777:o}; expected this user's (uid {os.getuid()}), "
                        "writable by nobody else")
     return root
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write `path` whole or not at all: a temp file of this writer's own beside it, renamed
+    over it (a full disk or a second writer never leaves a torn or empty file behind)."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
 
 
 @contextlib.contextmanager

@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import statistics
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
+
+from lab.cache import write_atomic
 
 MAX_FACTOR = 8.0  # beyond this, a host is not slow but broken: let the timeouts say so
 KEEP = 5  # measurements kept per profile
@@ -65,10 +65,7 @@ def record(cache: Path, profile: str, reference: float | None, l0_init_s: float)
     data = _read(cache)
     samples = ([*data.get(profile, []), round(l0_init_s, 3)])[-KEEP:]
     data[profile] = samples
-    # Unique temp file and rename: two labs finishing at once never leave a torn file.
+    # Two labs finishing at once never leave a torn file; a failed write only loses a sample.
     with contextlib.suppress(OSError):
-        fd, tmp = tempfile.mkstemp(prefix=".host-speed-", dir=cache)
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f)
-        os.replace(tmp, _file(cache))
+        write_atomic(_file(cache), json.dumps(data))
     return _speed(samples, reference, "this run")

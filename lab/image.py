@@ -23,7 +23,7 @@ from importlib import resources
 from pathlib import Path
 
 from lab import schema
-from lab.cache import file_sha256, locked
+from lab.cache import file_sha256, locked, write_atomic
 from lab.cpio import Tree
 from lab.errors import LabError, UsageError
 from lab.kernel import DebianKernel, DebugFiles, KernelSource, TreeKernel, resolve_modules
@@ -185,11 +185,8 @@ class Builder:
                     # Built earlier with --no-debug: the image is the same, the symbols
                     # beside it are fetched now.
                     img.manifest["debug"] = _debug_manifest(self._debug(recipe))
-                    # A new file renamed over the old one: a full disk never leaves an
-                    # empty manifest behind (every later run would fail on it).
-                    mtmp = out / ".manifest.json.tmp"
-                    mtmp.write_text(json.dumps(img.manifest, indent=1))
-                    os.replace(mtmp, out / "manifest.json")
+                    # Whole or not at all: an empty manifest would fail every later run.
+                    write_atomic(out / "manifest.json", json.dumps(img.manifest, indent=1))
                 return img
             self.log(f"building image {recipe.name} ({kernel.label}"
                      f"{', carrying ' + str(child.manifest['recipe']) if child else ''})")

@@ -14,11 +14,11 @@ import os
 import signal
 import stat
 import subprocess
-import tempfile
 import time
 from pathlib import Path
 from typing import IO, Any
 
+from lab.cache import cache_root, write_atomic
 from lab.errors import LabError
 
 PR_SET_PDEATHSIG = 1
@@ -112,8 +112,6 @@ def private_dir(path: Path, what: str) -> Path:
 def runtime_dir() -> Path:
     """Where running labs keep their sockets and records: $XDG_RUNTIME_DIR/lab, or (sudo,
     cron, CI) a private directory in the cache, never a guessable path in /tmp."""
-    from lab.cache import cache_root
-
     base = os.environ.get("XDG_RUNTIME_DIR")
     if base:
         return private_dir(Path(base) / "lab", "the runtime directory")
@@ -130,10 +128,7 @@ class Registry:
         return self.root / f"{lab_id}.json"
 
     def write(self, lab_id: str, record: dict[str, Any]) -> None:
-        fd, tmp = tempfile.mkstemp(prefix=f".{lab_id}-", dir=self.root)
-        with os.fdopen(fd, "w") as f:
-            f.write(json.dumps(record))
-        os.replace(tmp, self.path(lab_id))
+        write_atomic(self.path(lab_id), json.dumps(record))
 
     def remove(self, lab_id: str) -> None:
         self.path(lab_id).unlink(missing_ok=True)
