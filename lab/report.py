@@ -99,7 +99,9 @@ def xml_safe(text: str) -> str:
     return _XML_FORBIDDEN.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
 
 
-def sanitize_tree(root: ET.Element) -> None:
+def xml_bytes(root: ET.Element) -> bytes:
+    """A JUnit tree as a file's bytes, every text and attribute made XML-safe first: the one
+    way both run and suite JUnit files are written."""
     for el in root.iter():
         if el.text:
             el.text = xml_safe(el.text)
@@ -107,6 +109,8 @@ def sanitize_tree(root: ET.Element) -> None:
             el.tail = xml_safe(el.tail)
         for k, v in el.attrib.items():
             el.set(k, xml_safe(v))
+    ET.indent(root)
+    return ET.tostring(root, encoding="utf-8", xml_declaration=True)
 
 
 def junit(r: Report) -> bytes:
@@ -170,9 +174,7 @@ def junit(r: Report) -> bytes:
     suite.set("skipped", str(len(suite.findall("testcase/skipped"))))
     suite.set("errors", str(n_err))
     suite.set("time", f"{r.phases.get('total', total):.3f}")
-    sanitize_tree(suites)
-    ET.indent(suites)
-    return ET.tostring(suites, encoding="utf-8", xml_declaration=True)
+    return xml_bytes(suites)
 
 
 def summary(r: Report) -> str:

@@ -21,7 +21,7 @@ import yaml
 
 from lab import schema
 from lab.errors import EXIT_INFRA, EXIT_PASSED, EXIT_STEP_FAILED, UsageError
-from lab.report import sanitize_tree
+from lab.report import xml_bytes
 
 SUITE_SPEC = schema.Map({
     "name": schema.Field(schema.Str()),
@@ -129,9 +129,7 @@ def merged_junit(suite: Suite, runs: list[tuple[Entry, Path, dict[str, Any]]]) -
         sub.set("tests", str(len(sub.findall("testcase"))))
         sub.set("skipped", str(len(sub.findall("testcase/skipped"))))
         root.append(sub)
-    sanitize_tree(root)
-    ET.indent(root)
-    return ET.tostring(root, encoding="utf-8", xml_declaration=True)
+    return xml_bytes(root)
 
 
 def exit_status(results: list[tuple[Entry, dict[str, Any]]]) -> int:
