@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+import yaml
+
 from lab import schema
 from lab.errors import UsageError
 from lab.gdb import GdbError, GdbSession
@@ -36,7 +38,24 @@ ALLOWED_FUNCTIONS = frozenset({"$_caller_is", "$_caller_matches", "$_any_caller_
                                "$_any_caller_matches", "$_streq", "$_strlen", "$_memeq",
                                "$_regex"})
 _FUNCTION = re.compile(r"\$[A-Za-z_][A-Za-z0-9_]*(?=\s*\()")
-EXPRESSION = schema.Str(pattern_what="a C expression", nonempty=True, max_len=1000)
+
+
+class Expression(schema.Str):
+    """A condition or capture: one line of C, calling no gdb function off the allow-list."""
+
+    def __init__(self) -> None:
+        super().__init__(pattern_what="a C expression", nonempty=True, max_len=1000)
+
+    def check(self, node: yaml.Node, path: str, file: str) -> str:
+        value = super().check(node, path, file)
+        for fn in _FUNCTION.findall(value):
+            if fn not in ALLOWED_FUNCTIONS:
+                raise schema.fail(file, node, path, f"gdb function {fn} is not allowed "
+                                  f"(expected one of {', '.join(sorted(ALLOWED_FUNCTIONS))})")
+        return value
+
+
+EXPRESSION = Expression()
 PROBE_SPEC = schema.Map({
     "name": schema.Field(schema.Str(pattern=r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}",
                                     pattern_what="a name of letters, digits, '_', '.', '-'")),
@@ -115,15 +134,6 @@ def load_probes(items: list[Any], vendor: str) -> list[ProbeSpec]:
             continue
         if not p["at"]:
             raise UsageError(f"{p.where()}: probes[{i}].at: missing (a function or FILE:LINE)")
-        exprs = [("if", p["if"] or ""), *((f"capture.{k}", v)
-                                          for k, v in (p["capture"] or {}).items())]
-        for field_name, expr in exprs:
-            for fn in _FUNCTION.findall(expr):
-                if fn not in ALLOWED_FUNCTIONS:
-                    where = p.where("if" if field_name == "if" else "capture")
-                    raise UsageError(f"{where}: probes[{i}].{field_name}: gdb function {fn} is "
-                                     f"not allowed (expected one of "
-                                     f"{', '.join(sorted(ALLOWED_FUNCTIONS))})")
         for cname, expr in (p["capture"] or {}).items():
             try:
                 compile_capture(cname, expr)
