@@ -53,9 +53,7 @@ STEP_SPEC = schema.Map({
 })
 
 PLAYBOOK_SPEC = schema.Map({
-    # The name becomes a run directory's name: a plain name, never a path.
-    "name": schema.Field(schema.Str(pattern=r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}",
-                                    pattern_what="a name of letters, digits, '_', '.', '-'")),
+    "name": schema.Field(schema.run_name()),
     "description": schema.Field(schema.Str(multiline=True), default=""),
     "profile": schema.Field(schema.Str(choices=("auto", *PROFILES)), default="auto"),
     "topology": schema.Field(schema.Dict(LEVEL_SPEC, key_check=lambda k: k in LEVELS,

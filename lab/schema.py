@@ -95,6 +95,12 @@ class Str(Spec):
         return value
 
 
+def run_name() -> Str:
+    """A playbook's or suite's name: it becomes a run directory's name, so a plain name."""
+    return Str(pattern=r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}",
+               pattern_what="a name of letters, digits, '_', '.', '-'")
+
+
 class Int(Spec):
     def __init__(self, minimum: int | None = None, maximum: int | None = None) -> None:
         self.minimum, self.maximum = minimum, maximum

@@ -24,8 +24,8 @@ from lab.errors import EXIT_INFRA, EXIT_PASSED, EXIT_STEP_FAILED, UsageError
 from lab.report import xml_bytes
 
 SUITE_SPEC = schema.Map({
-    "name": schema.Field(schema.Str()),
-    "description": schema.Field(schema.Str(), default=""),
+    "name": schema.Field(schema.run_name()),  # the suite's run directory's name too
+    "description": schema.Field(schema.Str(multiline=True), default=""),
     "suite": schema.Field(schema.List(schema.Map({
         "playbook": schema.Field(schema.Str(), required=True),
         "expect": schema.Field(schema.Str(choices=("passed", "failed")), default="passed"),

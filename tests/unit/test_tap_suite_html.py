@@ -118,3 +118,14 @@ def test_a_run_whose_junit_cannot_be_read_is_an_error_not_an_empty_suite(
     assert sub is not None and sub.get("errors") == "1"
     err = sub.find("testcase/error")
     assert err is not None and "junit.xml unreadable" in err.get("message", "")
+
+
+def test_suite_name_is_a_plain_name(tmp_path: Path) -> None:
+    import pytest
+
+    from lab.errors import UsageError
+
+    p = tmp_path / "s.yaml"
+    p.write_text('name: "x/../../escaped"\nsuite: [{playbook: a.yaml}]\n')
+    with pytest.raises(UsageError, match="name: expected a name of letters"):
+        suite.load(p)
