@@ -79,6 +79,8 @@ class Lab:
         # port, even on loopback, would let any local user drive QEMU's monitor through gdb.
         self.gdb_socket: str | None = None
         self.registry = procs.Registry()
+        # This process's start time: with its pid, what `lab down` checks before signalling.
+        self.owner_start = procs.start_time(os.getpid())
         # Unix socket paths are limited to 108 bytes: keep sockets in a short private dir.
         self.sock_dir = Path(tempfile.mkdtemp(prefix="s-", dir=procs.runtime_dir()))
         self._crashed: Console | None = None
@@ -114,7 +116,7 @@ class Lab:
         pids = [self.vm.pid] if self.vm and self.vm.pid else []
         self.registry.write(self.id, {
             "id": self.id, "owner_pid": os.getpid(),
-            "owner_start": procs.start_time(os.getpid()), "sock_dir": str(self.sock_dir),
+            "owner_start": self.owner_start, "sock_dir": str(self.sock_dir),
             "pids": pids, "run_dir": str(self.run_dir), "up": up, "started": time.time()})
 
     def now(self) -> float:
@@ -242,7 +244,7 @@ class Lab:
         for attempt in range(3):
             st.ssh_port = free_port()
             self.vm = (self._bochs_l0(st, names) if self.profile.machine == "bochs"
-                       else self._qemu_l0(st, names, incoming=incoming))
+                       else self._qemu_l0(st, incoming=incoming))
             st.timeline["launch"] = self.now()
             try:
                 if isinstance(self.vm, QemuVM):
@@ -278,7 +280,7 @@ class Lab:
             qmp=str(sock_dir / "qmp"), gdb=str(sock_dir / "gdb"),
             hold=self.hold, incoming=incoming)
 
-    def _qemu_l0(self, st: LevelState, names: list[str], incoming: bool = False) -> QemuVM:
+    def _qemu_l0(self, st: LevelState, incoming: bool = False) -> QemuVM:
         st.spec = self._qemu_l0_spec(st.ssh_port, self.sock_dir, incoming)
         self.gdb_socket = st.spec.gdb
         return QemuVM(st.spec, self.run_dir, on_crash=self._on_crash)
@@ -443,8 +445,8 @@ class Lab:
         if self.pb.snapshot == "off":
             return "the playbook says snapshot: off"
         if self.profile.machine != "qemu":
-            # Bochs 2.7 saves its state only from its GUI or debugger prompt, neither of
-            # which the lab drives (no display, no debugger console): cold boots only.
+            # Bochs 2.7 saves its state only from its GUI's toolbar or configuration dialog,
+            # neither of which can be driven without a display (`-r` restores; nothing saves).
             return f"profile {self.profile.name}: L0 under Bochs is not saved"
         if self.hold:
             return "--hold: L0 waits for a debugger"
@@ -786,7 +788,7 @@ class Lab:
     def state(self, status: str | None = None) -> dict[str, Any]:
         return {
             "id": self.id, "status": status or ("up" if self.up else "booting"),
-            "owner_pid": os.getpid(), "owner_start": procs.start_time(os.getpid()),
+            "owner_pid": os.getpid(), "owner_start": self.owner_start,
             "playbook": str(self.pb.path), "profile": self.profile.name,
             "run_dir": str(self.run_dir), "sock_dir": str(self.sock_dir),
             "key_file": str(self.key_file), "gdb_socket": self.gdb_socket,
