@@ -37,8 +37,9 @@ sys.path.insert(0, str(ROOT))
 
 from lab.cache import cache_root  # noqa: E402
 from lab.image import Builder, load_recipe  # noqa: E402
+from lab.machines.base import free_port  # noqa: E402
+from lab.machines.qemu import Serial, VMSpec, build_command  # noqa: E402
 from lab.profiles import get_profile  # noqa: E402
-from lab.qemu import Serial, VMSpec, build_command, free_port  # noqa: E402
 from lab.ssh import SSHSession  # noqa: E402
 
 RECIPE = ROOT / "images" / "default.yaml"
@@ -55,13 +56,13 @@ def bench_images() -> dict[str, float]:
     main_cache = cache_root()
     with tempfile.TemporaryDirectory() as d:
         os.environ["LAB_CACHE"] = d
-        b = Builder(Path(d), log=lambda m: None)
+        b = Builder(Path(d))
         out["cold_build_with_downloads_s"] = timed(b.build, load_recipe(RECIPE))
     with tempfile.TemporaryDirectory() as d:
         os.environ["LAB_CACHE"] = d
         shutil.copytree(main_cache / "downloads", Path(d) / "downloads",
                         copy_function=os.link)  # same files, no network
-        b = Builder(Path(d), log=lambda m: None)
+        b = Builder(Path(d))
         out["cold_build_without_downloads_s"] = timed(b.build, load_recipe(RECIPE))
         out["rebuild_nothing_changed_s"] = timed(b.build, load_recipe(RECIPE))
         t = time.monotonic()
@@ -210,7 +211,7 @@ def bench_probes() -> dict[str, object]:
                 rates[f"{rep['name']}:{s['level']}"] = round(n / max(s["seconds"], 1e-3), 2)
     return {"with_probes_total_s": t_on, "without_probes_total_s": t_off,
             "slowdown": round(t_on / t_off, 3), "phases_with": on["phases"],
-            "phases_without": offr["phases"], "gdb": on["gdb"], "hits": len(hits),
+            "phases_without": offr["phases"], "probe_setup": on["probe_setup"], "hits": len(hits),
             "hit_cost_ms": costs, "cases_per_second_by_level": rates}
 
 
@@ -347,7 +348,7 @@ def chain_once(variant: str, out: Path) -> dict[str, object]:
     pb = playbook.load(ROOT / "playbooks" / "nested.yaml")
     res: dict[str, object] = {"variant": variant, "nested_qemu_args": prof.nested_qemu_args,
                               "nested_append": prof.nested_append}
-    with Lab(pb, out, prof, cache_root(), log=lambda m: None) as lab:
+    with Lab(pb, out, prof, cache_root()) as lab:
         lab.build()
         t = time.monotonic()
         lab.boot_level("l0")

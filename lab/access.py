@@ -1,15 +1,18 @@
-"""How people and other `lab` commands reach a running lab: state.json, ssh_config, known_hosts."""
+"""How people and other `lab` commands reach a running lab: its record (state.json in the run
+directory, and the same record in the registry of running labs), ssh_config, known_hosts."""
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+import os
+import time
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from lab.cache import write_atomic
 from lab.errors import UsageError
-from lab.procs import Registry, alive
+from lab.procs import Registry, alive, start_time
 
 
 @dataclass
@@ -36,6 +39,46 @@ def write_ssh_files(run_dir: Path, key_file: Path, levels: list[LevelAccess]) ->
               "    StrictHostKeyChecking yes", "    PasswordAuthentication no",
               "    ConnectTimeout 30", "    LogLevel ERROR", ""]
     (run_dir / "ssh_config").write_text("\n".join(lines))
+
+
+@dataclass
+class Record:
+    """A running lab, as every other process sees it. The same record goes to RUN/state.json
+    (for people, `lab ssh/gdb/down` and the tests) and to the registry of labs (for `lab
+    down` without --run, and for reaping what a lab whose owner died left behind)."""
+
+    id: str
+    run_dir: str
+    sock_dir: str
+    key_file: str
+    playbook: str
+    profile: str
+    status: str = "booting"  # booting | held | up | down | error
+    owner_pid: int = field(default_factory=os.getpid)
+    # With the pid, what `lab down` checks before signalling (pids get reused).
+    owner_start: int | None = field(default_factory=lambda: start_time(os.getpid()))
+    started: float = field(default_factory=time.time)
+    gdb_socket: str | None = None
+    gdbstub_owner: str = "free"  # "probes" while the playbook's probes hold it
+    held: dict[str, Any] | None = None  # a probe keeps L0 stopped for a person
+    ready: bool = False  # everything `lab up` promises is in place (boot, probes)
+    qemu_pid: int | None = None  # L0's emulator
+    levels: dict[str, dict[str, Any]] = field(default_factory=dict)
+    problem: str | None = None  # what went wrong while the lab stays up for a look
+    error: dict[str, Any] | None = None  # why it ended, if it failed
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        # The registry's view: which processes are the lab's, and whether it is up.
+        d["pids"] = [self.qemu_pid] if self.qemu_pid else []
+        d["up"] = self.status == "up"
+        return d
+
+    def write(self, registry: Registry | None = None) -> None:
+        d = self.to_dict()
+        write_state(Path(self.run_dir), d)
+        if registry is not None:
+            registry.write(self.id, d)
 
 
 def write_state(run_dir: Path, state: dict[str, Any]) -> None:

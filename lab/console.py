@@ -19,6 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from lab.deadline import TimedOut, connect_socket
 from lab.errors import BootError, GuestCrash, VMDied
 
 
@@ -93,22 +94,11 @@ class Console:
 
     def _attach(self, family: int, addr: str | tuple[str, int], what: str, deadline: float,
                 alive: Callable[[], None] | None = None) -> None:
-        last: OSError | None = None
-        while time.monotonic() < deadline:
-            s = socket.socket(family, socket.SOCK_STREAM)
-            try:
-                s.connect(addr)
-            except OSError as e:
-                s.close()
-                last = e
-                if alive:
-                    alive()
-                time.sleep(0.02)
-                continue
-            self._start(s)
-            return
-        raise BootError(f"{self.level}: console socket {what} did not open: {last}",
-                        level=self.level)
+        try:
+            self._start(connect_socket(family, addr, deadline, between=alive))
+        except TimedOut as e:
+            raise BootError(f"{self.level}: console socket {what} did not open: {e.last}",
+                            level=self.level) from None
 
     def _start(self, sock: socket.socket) -> None:
         self._sock = sock
@@ -195,6 +185,30 @@ class Console:
                                     f"{timeout:.0f} s; last lines:\n{self.tail()}",
                                     level=self.level, detail=self.tail())
                 self._cond.wait(min(left, 0.2))
+
+    def wait_progressing(self, pattern: str, since: int, deadline: float, hard: float,
+                         window: float, check: Callable[[], None]) -> tuple[int, float]:
+        """Wait for `pattern` until `deadline`, but while the console keeps speaking (a line
+        within the last `window` s) the deadline moves on, up to `hard`: a slow machine is
+        not a stuck one. `check` runs every 2 s at least (fail fast). Returns (the line's
+        index, the deadline as extended); ConsoleTimeout when a silent console passes it."""
+        pos = since
+        while True:
+            left = deadline - time.monotonic()
+            try:
+                idx, _ = self.wait_for(pattern, timeout=min(max(left, 0.01), 2.0), since=pos,
+                                       abort=check)
+                return idx, deadline
+            except ConsoleTimeout:
+                pos = len(self.lines)
+                check()
+                now = time.monotonic()
+                if now >= deadline:
+                    spoke = self.lines[-1].t if self.lines else 0.0
+                    if now < hard and now - spoke < window:
+                        deadline = min(hard, spoke + window)
+                        continue
+                    raise
 
     def tail(self, n: int = 15) -> str:
         return "\n".join(ln.text for ln in self.lines[-n:])

@@ -128,7 +128,7 @@ def probe(sys_module: Path = Path("/sys/module"), cpuinfo: Path = Path("/proc/cp
             nested[m] = p.read_text().strip()
     has_dev = dev_kvm.exists()
     # /dev/kvm alone proves nothing: on these machines it is kvm_pvm, which cannot run a normal
-    # kernel (FACTS.md). Hardware virtualization needs the CPU flag and the vendor module.
+    # kernel. Hardware virtualization needs the CPU flag and the vendor module.
     if not has_dev:
         usable, reason = False, "/dev/kvm is missing"
     elif vmx and "kvm_intel" in mods:

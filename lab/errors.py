@@ -86,3 +86,12 @@ class Aborted(LabError):
     """The run was stopped from outside (Ctrl-C, SIGTERM)."""
 
     kind = "aborted"
+
+
+def error_dict(e: Exception) -> dict[str, object]:
+    """An error as the report records it (any exception: one of ours has its kind and exit
+    status, anything else is a bug of ours, exit 3)."""
+    if isinstance(e, LabError):
+        return {**e.to_dict(), "exit_status": e.exit_status}
+    return {"kind": "internal", "message": f"{type(e).__name__}: {e}", "exit_status": EXIT_INFRA,
+            "level": None, "detail": ""}

@@ -254,7 +254,7 @@ def add_symbol_file_command(ko: Path, sections: dict[str, int], present: set[str
     """add-symbol-file for a loaded module, as lx-symbols builds it.
 
     `.init.*` is left out: after load the module's init memory is freed and reused (kvm's
-    .init.text address later holds kvm_amd's .text, FACTS.md).
+    .init.text address later holds kvm_amd's .text).
     """
     parts = [f"add-symbol-file {ko} {sections['.text']:#x}"]
     for name in sorted(sections):

@@ -12,12 +12,12 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import os
 import re
 import shutil
 import subprocess
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -30,6 +30,8 @@ from lab.kernel import DebianKernel, DebugFiles, KernelSource, TreeKernel, resol
 from lab.keys import client_key, make_host_key
 from lab.tools import build as build_tools
 
+log = logging.getLogger(__name__)
+
 FORMAT = 1  # bump when the builder's output changes for the same inputs
 
 # Host binaries copied into every image (from Debian's packages; see `lab doctor`).
@@ -40,7 +42,7 @@ BASE_BINARIES = {
     "usr/lib/sftp-server": "/usr/lib/openssh/sftp-server",
 }
 QEMU_BINARY = "/usr/bin/qemu-system-x86_64"
-# What a nested QEMU reads with -nodefaults, -kernel and SeaBIOS (see FACTS.md).
+# What a nested QEMU reads with -nodefaults, -kernel and SeaBIOS.
 QEMU_FIRMWARE = ["bios-256k.bin", "kvmvapic.bin", "linuxboot.bin", "linuxboot_dma.bin"]
 
 DEFAULT_MODULES = ["virtio_pci", "virtio_net", "kvm_amd", "kvm_intel", "button", "evdev"]
@@ -163,9 +165,8 @@ class Plan:
 
 
 class Builder:
-    def __init__(self, cache: Path, log: Callable[[str], None] = print) -> None:
+    def __init__(self, cache: Path) -> None:
         self.cache = cache
-        self.log = log
 
     def build(self, recipe: Recipe, child: BuiltImage | None = None,
               with_debug: bool = True) -> BuiltImage:
@@ -188,7 +189,7 @@ class Builder:
                     # Whole or not at all: an empty manifest would fail every later run.
                     write_atomic(out / "manifest.json", json.dumps(img.manifest, indent=1))
                 return img
-            self.log(f"building image {recipe.name} ({kernel.label}"
+            log.info(f"building image {recipe.name} ({kernel.label}"
                      f"{', carrying ' + str(child.manifest['recipe']) if child else ''})")
             tmp = out.with_name(out.name + ".tmp")
             shutil.rmtree(tmp, ignore_errors=True)
@@ -217,7 +218,7 @@ class Builder:
             (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
             tmp.rename(out)
             size = (out / "initrd.cpio").stat().st_size
-            self.log(f"built image {out.name}: initrd {size >> 20} MiB "
+            log.info(f"built image {out.name}: initrd {size >> 20} MiB "
                      f"in {manifest['build_seconds']} s")
             return BuiltImage.load(out)
 
@@ -240,7 +241,7 @@ class Builder:
         applets = subprocess.run(["/bin/busybox", "--list"], capture_output=True,
                                  text=True).stdout.split()
         for a in applets:
-            if a != "busybox":  # a link named busybox would shadow the binary (FACTS.md)
+            if a != "busybox":  # a link named busybox would shadow the binary
                 plan.links.setdefault(f"bin/{a}", "busybox")
         plan.data["etc/lab/rcS"] = (_resource("rcS"), 0o755)
         plan.data["etc/inittab"] = (_resource("inittab"), 0o644)

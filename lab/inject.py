@@ -7,21 +7,26 @@ CALLER) loads lab/guest/inject/lab_inject.c, built for L0's kernel (lab/kmod.py)
 Each injection finds its instructions by disassembling one KVM function and checking each
 candidate against what DWARF says (struct offsets, call targets), then overwrites them with a
 NOP of the same length. A one-time code patch costs nothing per event (a breakpoint that skips
-the work costs ~10 ms per stop, FACTS.md) and needs no breakpoint command scripts, which
+the work costs ~10 ms per stop under TCG) and needs no breakpoint command scripts, which
 pygdbmi cannot parse.
 """
 
 from __future__ import annotations
 
+import logging
 import re
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from lab.errors import LabError
-from lab.gdb import GdbSession
 from lab.ssh import SSHSession
 
+if TYPE_CHECKING:  # validating a playbook (which names injections) needs no gdb
+    from lab.gdb import GdbSession
+
+log = logging.getLogger(__name__)
 NOP5 = "0f1f440000"
 KVM_REQ_MMU_SYNC = 8 + 3  # KVM_ARCH_REQ(3) in arch/x86/include/asm/kvm_host.h (4.x to 6.x)
 
@@ -158,6 +163,30 @@ def load_module(ssh: SSHSession, ko: Path, inj: Injection) -> dict[str, Any]:
     return {"name": inj.name, "vendor": inj.vendor, "function": inj.function, "why": inj.why,
             "mechanism": "kprobe module", "module": str(ko), "target": target,
             "caller": caller, "loaded": r.stdout.strip(), "patches": []}
+
+
+def by_gdb(gdb: GdbSession, name: str, vendor: str) -> dict[str, Any]:
+    """Patch L0's KVM through gdb (L0 stopped); the report's `injection`."""
+    inj = resolve(name, vendor)
+    desc = describe(inj, apply(gdb, inj))
+    log.info(f"injected {inj.name}: " + ", ".join(
+        f"{p['instruction']} at {p['address']:#x} ({p['function']})" for p in desc["patches"]))
+    return desc
+
+
+def by_module(ssh: SSHSession, name: str, vendor: str, kernel: Any,
+              cache: Path) -> dict[str, Any]:
+    """No gdbstub: the bug goes in as a kprobe module built for L0's kernel (`kernel`, a
+    lab.kernel.KernelSource); the report's `injection`."""
+    from lab import kmod
+
+    inj = resolve(name, vendor)
+    t = time.monotonic()
+    ko = kmod.build(MODULE, kernel.fetch_build_dir(cache), cache)
+    desc = load_module(ssh, ko, inj)
+    desc["seconds"] = round(time.monotonic() - t, 3)
+    log.info(f"injected {inj.name}: {desc['loaded']}")
+    return desc
 
 
 def module_skipped(ssh: SSHSession) -> int | None:

@@ -15,7 +15,7 @@ from typing import Any
 from lab import schema
 from lab.errors import UsageError
 from lab.inject import NAMES as INJECTION_NAMES
-from lab.probes import PROBE_SPEC, load_probes
+from lab.probes.spec import PROBE_SPEC, load_probes
 from lab.profiles import PROFILES, Profile
 
 LEVELS = ("l0", "l1", "l2")

@@ -14,7 +14,6 @@ import os
 import signal
 import stat
 import subprocess
-import time
 from pathlib import Path
 from typing import IO, Any
 
@@ -174,12 +173,3 @@ def _own_sock_dir(marker: str, runtime: Path) -> bool:
     p = Path(marker)
     return (p.is_absolute() and p.parent == runtime and p.name.startswith("s-")
             and ".." not in p.parts and (not p.exists() or os.lstat(p).st_uid == os.getuid()))
-
-
-def wait_until(predicate: Any, timeout: float, interval: float = 0.05) -> bool:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if predicate():
-            return True
-        time.sleep(interval)
-    return bool(predicate())

@@ -31,7 +31,8 @@ class Profile:
 
     @property
     def has_gdbstub(self) -> bool:
-        """Whether the host can stop L0 in gdb (Debian's Bochs has no gdbstub, FACTS.md)."""
+        """Whether the host can stop L0 in gdb (Debian's Bochs is built
+        without one: its internal debugger instead)."""
         return self.machine == "qemu"
 
     @property
@@ -83,13 +84,13 @@ PROFILES: dict[str, Profile] = {
                 "hardware KVM on an Intel host with VMX; L0 sees vmx (host nested=1)"),
         Profile("kvm-svm", "amd", "kvm", "host",
                 "hardware KVM on an AMD host with SVM; L0 sees svm+npt (host nested=1)"),
-        # TCG emulates AMD SVM with nested paging but not VMX (see FACTS.md). `max` carries
+        # TCG emulates AMD SVM with nested paging but not VMX (QEMU 7.2). `max` carries
         # svm and npt under TCG; `qemu64` has svm without npt.
         Profile("tcg-svm", "amd", "tcg", "max",
                 "QEMU TCG with an AMD CPU model that has svm+npt (no hardware virtualization)",
                 nested_qemu_args=NESTED_QEMU_ARGS, nested_append=NESTED_APPEND,
                 reference_l0_init_s=4.0),
-        # Bochs emulates VMX with EPT (FACTS.md). broadwell_ult rather than corei7_skylake_x:
+        # Bochs emulates VMX with EPT. broadwell_ult rather than corei7_skylake_x:
         # both run nested KVM, but skylake_x's XSAVE sizes disagree with its features and
         # L0 boots with a WARNING in fpu__init_system_xstate that would read as a crash.
         # Its L0 image has e1000, the NIC Bochs's slirp serves (the cloud kernel has none).

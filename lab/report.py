@@ -1,10 +1,9 @@
-"""What a run leaves behind: report.json (for machines), junit.xml (for CI servers)."""
+"""What a run leaves behind: the Report, written as report.json (for machines), junit.xml
+(lab/junit.py, for CI servers) and report.html (lab/html.py, for people)."""
 
 from __future__ import annotations
 
 import json
-import re
-import xml.etree.ElementTree as ET
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -47,7 +46,9 @@ class Report:
     probe_backend: str | None = None
     probes: list[dict[str, Any]] = field(default_factory=list)
     probe_timeline: list[dict[str, Any]] = field(default_factory=list)
-    gdb: dict[str, Any] = field(default_factory=dict)
+    # How the probe backend was set up: symbols, KASLR offset, attach or compile times,
+    # kprobe events, the probe sets armed, and its error if it failed as a whole.
+    probe_setup: dict[str, Any] = field(default_factory=dict)
     injection: dict[str, Any] | None = None
     # How the chain came up: {"mode": "cold" | "warm", the saved lab, what saving or
     # restoring took}; and how fast this host runs next to the reference (lab/hostspeed.py).
@@ -78,103 +79,17 @@ class Report:
         return d
 
     def write(self, run_dir: Path) -> None:
-        (run_dir / "report.json").write_text(json.dumps(self.to_dict(), indent=1) + "\n")
-        (run_dir / "junit.xml").write_bytes(junit(self))
-        from lab import html
+        """report.json, junit.xml and report.html, each by its own writer."""
+        from lab import html, junit
 
-        html.write(self.to_dict(), run_dir)
-
-
-def _clip(text: str, limit: int = 20000) -> str:
-    return text if len(text) <= limit else text[:limit // 2] + "\n...\n" + text[-limit // 2:]
+        d = self.to_dict()
+        write_json(d, run_dir)
+        junit.write([junit.testsuite(d)], run_dir / "junit.xml")
+        html.write(d, run_dir)
 
 
-# Characters XML 1.0 cannot carry at all (not even escaped): a step that prints ESC or NUL
-# would otherwise make the whole junit.xml unreadable.
-_XML_FORBIDDEN = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ud800-\udfff\ufffe\uffff]")
-
-
-def xml_safe(text: str) -> str:
-    """`text` with every character XML 1.0 forbids written as \\xNN (visible, not lost)."""
-    return _XML_FORBIDDEN.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
-
-
-def xml_bytes(root: ET.Element) -> bytes:
-    """A JUnit tree as a file's bytes, every text and attribute made XML-safe first: the one
-    way both run and suite JUnit files are written."""
-    for el in root.iter():
-        if el.text:
-            el.text = xml_safe(el.text)
-        if el.tail:
-            el.tail = xml_safe(el.tail)
-        for k, v in el.attrib.items():
-            el.set(k, xml_safe(v))
-    ET.indent(root)
-    return ET.tostring(root, encoding="utf-8", xml_declaration=True)
-
-
-def junit(r: Report) -> bytes:
-    suites = ET.Element("testsuites")
-    suite = ET.SubElement(suites, "testsuite", name=r.name)
-    props = ET.SubElement(suite, "properties")
-    ET.SubElement(props, "property", name="profile", value=str(r.profile))
-    ET.SubElement(props, "property", name="run_dir", value=r.run_dir)
-    n_fail = n_err = 0
-    total = 0.0
-    # One testcase per level's boot, with its timeline, so a CI server shows where time went.
-    for level, info in r.levels.items():
-        tl = info.get("timeline", {})
-        case = ET.SubElement(suite, "testcase", classname=f"{r.name}.boot", name=f"boot {level}",
-                             time=f"{tl.get('ssh_ready', 0.0) - tl.get('launch', 0.0):.3f}"
-                             if "ssh_ready" in tl else "0")
-        cprops = ET.SubElement(case, "properties")
-        for k, v in tl.items():
-            ET.SubElement(cprops, "property", name=k, value=f"{v:.3f}")
-        if "ssh_ready" not in tl:
-            n_err += 1
-            msg = (r.error or {}).get("message", "did not boot")
-            err = ET.SubElement(case, "error", message=str(msg)[:500])
-            err.text = str((r.error or {}).get("detail", ""))
-    for s in r.steps:
-        total += s.seconds
-        for c in s.cases:
-            # One testcase per TAP case, under the level it ran at.
-            tc = ET.SubElement(suite, "testcase", classname=f"{r.name}.{s.level}.{s.name}",
-                               name=c["name"], time="0")
-            if c["status"] == "failed":
-                n_fail += 1
-                ET.SubElement(tc, "failure", message=c["message"][:500] or "failed")
-            elif c["status"] == "skipped":
-                ET.SubElement(tc, "skipped", message=c["message"][:500])
-        case_failed = any(c["status"] == "failed" for c in s.cases)
-        if s.cases and (s.status == "passed" or (s.status == "failed" and case_failed)):
-            continue  # the per-case testcases above tell it all
-        case = ET.SubElement(suite, "testcase", classname=f"{r.name}.{s.level}", name=s.name,
-                             time=f"{s.seconds:.3f}")
-        if s.status == "failed":
-            n_fail += 1
-            f = ET.SubElement(case, "failure",
-                              message=s.message or f"exit status {s.exit_status}, "
-                                                   f"expected {s.expected}")
-            f.text = _clip(s.stderr or s.stdout)
-        elif s.status == "error":
-            n_err += 1
-            e = ET.SubElement(case, "error", message=s.message[:500])
-            e.text = _clip(s.stderr or s.stdout)
-        ET.SubElement(case, "system-out").text = _clip(s.stdout)
-        if s.stderr:
-            ET.SubElement(case, "system-err").text = _clip(s.stderr)
-    if r.error is not None and not r.levels and not r.steps:
-        case = ET.SubElement(suite, "testcase", classname=r.name, name="lab")
-        n_err += 1
-        ET.SubElement(case, "error", message=str(r.error.get("message", ""))[:500]).text = \
-            str(r.error.get("detail", ""))
-    suite.set("tests", str(len(suite.findall("testcase"))))
-    suite.set("failures", str(n_fail))
-    suite.set("skipped", str(len(suite.findall("testcase/skipped"))))
-    suite.set("errors", str(n_err))
-    suite.set("time", f"{r.phases.get('total', total):.3f}")
-    return xml_bytes(suites)
+def write_json(report: dict[str, Any], run_dir: Path) -> None:
+    (run_dir / "report.json").write_text(json.dumps(report, indent=1) + "\n")
 
 
 def summary(r: Report) -> str:

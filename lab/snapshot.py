@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from lab.errors import LabError
-from lab.qmp import QMP
+from lab.machines.qmp import QMP
 
 # Bump when what a saved lab holds, or how it is restored, changes incompatibly.
 FORMAT = 1

@@ -20,6 +20,7 @@ from typing import IO, Any
 
 import paramiko
 
+from lab.deadline import TimedOut, retry
 from lab.errors import CommandTimeout, SSHError
 
 # paramiko logs every refused early connection (the guest is still booting) with a traceback;
@@ -81,6 +82,10 @@ def parse_host_key(line: str) -> paramiko.PKey:
     return paramiko.Ed25519Key(data=base64.b64decode(b64))
 
 
+class HostKeyMismatch(SSHError):
+    """The server is not the level's own (never retried)."""
+
+
 class SSHSession:
     def __init__(self, level: str, port: int, key_file: Path, host_key: str,
                  via: SSHSession | None = None, user: str = "root") -> None:
@@ -116,8 +121,8 @@ class SSHSession:
             # Pinned: the image's own host key, nothing else (no AutoAdd, no known_hosts).
             if key.get_name() != self.host_key.get_name() or \
                     key.asbytes() != self.host_key.asbytes():
-                raise SSHError(f"{self.level}: host key mismatch (got {key.get_base64()[:24]}...)",
-                               level=self.level)
+                raise HostKeyMismatch(f"{self.level}: host key mismatch (got "
+                                      f"{key.get_base64()[:24]}...)", level=self.level)
             t.auth_publickey(self.user, self.key)
         except BaseException:
             t.close()
@@ -131,26 +136,15 @@ class SSHSession:
 
         `check` runs between attempts (e.g. to fail fast when the VM crashed).
         """
-        attempts = 0
-        last: Exception | None = None
-        while True:
-            attempts += 1
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise SSHError(f"{self.level}: SSH did not answer in time (after {attempts - 1} "
-                               f"attempts; last error: {last})", level=self.level)
-            try:
-                self.connect_once(timeout=min(attempt_timeout, max(left, 1.0)))
-                return attempts
-            except SSHError as e:
-                if "host key mismatch" in str(e):
-                    raise
-                last = e
-            except (OSError, EOFError, ConnectionError, paramiko.SSHException) as e:
-                last = e
-            if check:
-                check()
-            time.sleep(min(0.25, max(deadline - time.monotonic(), 0)))
+        try:
+            _, attempts = retry(
+                lambda left: self.connect_once(timeout=min(attempt_timeout, max(left, 1.0))),
+                deadline, fatal=(HostKeyMismatch,), between=check, interval=0.25,
+                retry_on=(SSHError, OSError, EOFError, ConnectionError, paramiko.SSHException))
+        except TimedOut as e:
+            raise SSHError(f"{self.level}: SSH did not answer in time ({e})",
+                           level=self.level) from None
+        return attempts
 
     def require(self) -> paramiko.Transport:
         if self.transport is None or not self.transport.is_active():

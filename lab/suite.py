@@ -19,9 +19,8 @@ from typing import Any
 
 import yaml
 
-from lab import schema
+from lab import junit, schema
 from lab.errors import EXIT_INFRA, EXIT_PASSED, EXIT_STEP_FAILED, UsageError
-from lab.report import xml_bytes
 
 SUITE_SPEC = schema.Map({
     "name": schema.Field(schema.run_name()),  # the suite's run directory's name too
@@ -88,22 +87,13 @@ def outcome(expect: str, report: dict[str, Any]) -> tuple[bool, str]:
     return False, f"expected to fail, but {status}"
 
 
-def merged_junit(suite: Suite, runs: list[tuple[Entry, Path, dict[str, Any]]]) -> bytes:
-    root = ET.Element("testsuites", name=suite.name)
-    for entry, run_dir, rep in runs:
-        try:
-            sub = ET.parse(run_dir / "junit.xml").getroot().find("testsuite")
-            unreadable = "" if sub is not None else "no testsuite in it"
-        except (OSError, ET.ParseError) as e:
-            sub, unreadable = None, str(e)
-        if sub is None:
-            # Never an empty testsuite in its place: a run whose results cannot be read is
-            # an error of the suite, and says so.
-            sub = ET.Element("testsuite", name=rep.get("name", entry.playbook.stem))
-            tc = ET.SubElement(sub, "testcase", classname=sub.get("name", ""), name="junit.xml")
-            ET.SubElement(tc, "error", message=f"{run_dir}/junit.xml unreadable: {unreadable}")
-            sub.set("tests", "1")
-            sub.set("errors", "1")
+def junit_suites(suite: Suite,
+                 runs: list[tuple[Entry, Path, dict[str, Any]]]) -> list[ET.Element]:
+    """Each run's own testsuite (lab/junit.py, from its report), judged against what the
+    suite expects of it."""
+    out = []
+    for entry, _run_dir, rep in runs:
+        sub = junit.testsuite(rep)
         if entry.expect == "failed":
             # Failing cases are the point of this run: report them as passed (caught), and a
             # case that did not fail as skipped (it cannot see the injected bug).
@@ -128,8 +118,8 @@ def merged_junit(suite: Suite, runs: list[tuple[Entry, Path, dict[str, Any]]]) -
             ET.SubElement(tc, "system-out").text = why
         sub.set("tests", str(len(sub.findall("testcase"))))
         sub.set("skipped", str(len(sub.findall("testcase/skipped"))))
-        root.append(sub)
-    return xml_bytes(root)
+        out.append(sub)
+    return out
 
 
 def exit_status(results: list[tuple[Entry, dict[str, Any]]]) -> int:
@@ -152,7 +142,7 @@ def write(suite: Suite, run_dir: Path, runs: list[tuple[Entry, Path, dict[str, A
                   "seconds": r.get("phases", {}).get("total")} for e, d, r in runs],
     }
     (run_dir / "report.json").write_text(json.dumps(summary, indent=1) + "\n")
-    (run_dir / "junit.xml").write_bytes(merged_junit(suite, runs))
+    junit.write(junit_suites(suite, runs), run_dir / "junit.xml", name=suite.name)
     from lab.html import write_suite
 
     write_suite(summary, run_dir)

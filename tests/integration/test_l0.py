@@ -305,13 +305,14 @@ def test_probes_work_with_kaslr(tmp_path: Path) -> None:
     assert r.returncode == 0, r.stdout + r.stderr
     rep = report(out)
     runtime_text = int(rep["steps"][1]["stdout"].split()[0], 16)
-    assert rep["gdb"]["kaslr_offset"] == runtime_text - 0xFFFFFFFF81000000
+    assert rep["probe_setup"]["kaslr_offset"] == runtime_text - 0xFFFFFFFF81000000
     hits = rep["probes"][0]["hits"]
     assert len(hits) == 1, rep["probes"]
     cap = hits[0]["captures"]["entry"]
     assert cap["vcpu_id"] == 0 and cap["text"] == runtime_text  # gdb's symbols relocated
     gdbinit = (out / "gdbinit").read_text()
-    assert f"-o {rep['gdb']['kaslr_offset']:#x}" in gdbinit or rep["gdb"]["kaslr_offset"] == 0
+    offset = rep["probe_setup"]["kaslr_offset"]
+    assert f"-o {offset:#x}" in gdbinit or offset == 0
 
 
 TRACED = """\
@@ -345,7 +346,7 @@ def test_tracefs_probe_backend(tmp_path: Path) -> None:
     assert r.returncode == 0, r.stdout + r.stderr
     rep = report(out)
     assert rep["probe_backend"] == "tracefs"
-    assert any("+0x" in e for e in rep["gdb"]["kprobe_events"])  # offsets from DWARF
+    assert any("+0x" in e for e in rep["probe_setup"]["kprobe_events"])  # offsets from DWARF
     exits, refused, filtered = rep["probes"]
     assert "not two fields" in refused["error"] and not refused["hits"]
     # A condition of a field and a number is the event's filter: only that CR3 comes back.

@@ -69,7 +69,7 @@ def test_invept_runs_both_suites(nightly: tuple[Path, int, dict[str, Any]]) -> N
 def test_invept_probes_capture_guest_mmu(nightly: tuple[Path, int, dict[str, Any]]) -> None:
     rep = sub_report(nightly[2], "invept")
     assert rep["probe_backend"] == "gdb"
-    assert rep["gdb"]["probe_sets"] in (["invalidation/svm"], ["invalidation/vmx"])
+    assert rep["probe_setup"]["probe_sets"] in (["invalidation/svm"], ["invalidation/vmx"])
     matching = []
     for p in rep["probes"]:
         assert p["error"] is None, p
@@ -92,7 +92,7 @@ def test_invept_vmx_runs_the_vmx_suites_under_bochs(
     assert rep["status"] == "passed", rep.get("error")
     assert rep["profile"] == "bochs-vmx" and rep["probe_backend"] == "tracefs"
     assert rep["levels"]["l0"]["kernel"]["release"].endswith("-amd64")  # generic: e1000
-    assert rep["levels"]["l0"]["boot"] == "pvh"  # no decompressor: lab/pvh.py
+    assert rep["levels"]["l0"]["boot"] == "pvh"  # no decompressor: lab/machines/pvh.py
     steps = {s["name"]: s for s in rep["steps"]}
     ept = {c["name"]: c["status"] for c in steps["bare-metal L1 EPT mutation suite (VMX)"]["cases"]}
     assert {"vmx/remap-invept-single", "vmx/remap-invept-global",

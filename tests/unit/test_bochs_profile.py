@@ -8,10 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from lab import playbook, pvh
-from lab.bochs import BochsSpec, render_bochsrc, render_slirp_conf
+from lab import playbook
 from lab.errors import UsageError
-from lab.iso import isolinux_cfg
+from lab.machines import pvh
+from lab.machines.bochs import BochsSpec, render_bochsrc, render_slirp_conf
+from lab.machines.iso import isolinux_cfg
 from lab.profiles import get_profile
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -11,14 +11,14 @@ from typing import Any
 import pytest
 
 from lab.gdb import GdbSession, add_symbol_file_command
-from lab.probes import (
+from lab.probes.gdb import (
     GdbProbes,
     GuestMmuCapture,
     MmuLayout,
-    builtin_set,
     compile_capture,
     rewrite_args,
 )
+from lab.probes.spec import builtin_set, parse_capture
 
 
 class Replay:
@@ -73,7 +73,7 @@ def test_probes_replayed_capture_guest_mmu(transcript: Path, tmp_path: Path) -> 
     s.attach("127.0.0.1:1")
     for _ in range(3):  # irqbypass, kvm, kvm_amd
         s.add_module(Path("m.ko"), {".text": 0x1000}, set())
-    probes = GdbProbes(s, builtin_set("invalidation", "amd"), time.monotonic(), log=lambda m: None)
+    probes = GdbProbes(s, builtin_set("invalidation", "amd"), time.monotonic())
     probes.start()
     deadline = time.monotonic() + 20
     while not probes.detached and time.monotonic() < deadline:
@@ -117,12 +117,12 @@ def test_layouts_of_older_kernels() -> None:
     assert cap.exprs(l57)[1] == "(vcpu)->arch.guest_mmu.root_cr3"
     got = cap.assemble([(True, "4096"), (True, "32768"),
                         (True, "{{cr3 = 1, hpa = 18446744073709551615}}"), (True, "0")], l57)
-    assert got == {"current": {"pgd": 32768, "hpa": 4096, "valid": True},
+    assert got == {"kind": "guest_mmu", "current": {"pgd": 32768, "hpa": 4096, "valid": True},
                    "previous": [{"pgd": 1, "hpa": 2**64 - 1, "valid": False}], "active": False}
 
 
 def test_capture_compilation_and_arg_rewrite() -> None:
-    assert isinstance(compile_capture("g", "guest_mmu(&svm->vcpu)"), GuestMmuCapture)
+    assert isinstance(compile_capture("g", parse_capture("guest_mmu(&svm->vcpu)")), GuestMmuCapture)
     assert rewrite_args("vcpu->arch.mmu == &vcpu->arch.guest_mmu", ["vcpu"]) == \
         "$vcpu->arch.mmu == &$vcpu->arch.guest_mmu"
     assert rewrite_args("svm->vcpu.arch", ["vcpu"]) == "svm->vcpu.arch"  # a field, not the arg
@@ -210,7 +210,7 @@ def _hit(n: str) -> dict[str, Any]:
 
 
 def test_finish_cut_short_by_another_breakpoint(tmp_path: Path) -> None:
-    from lab.probes import ProbeSpec
+    from lab.probes.spec import ProbeSpec
 
     gdb = Scripted([_hit("1"), _hit("2"), _hit("1"),
                     {"reason": "function-finished", "frame": {"func": "caller"}}])
@@ -218,7 +218,7 @@ def test_finish_cut_short_by_another_breakpoint(tmp_path: Path) -> None:
     specs = [ProbeSpec("with-return", "f1", captures={"x": "vcpu->x"},
                        when=["entry", "return"], max_hits=2),
              ProbeSpec("entry-only", "f2", captures={"y": "y"}, max_hits=1)]
-    probes = GdbProbes(s, specs, time.monotonic(), log=lambda m: None)
+    probes = GdbProbes(s, specs, time.monotonic())
     probes.start()
     deadline = time.monotonic() + 10
     while not probes.detached and time.monotonic() < deadline:

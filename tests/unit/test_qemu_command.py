@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from lab.machines.qemu import Serial, VMSpec, build_command
 from lab.profiles import PROFILES
-from lab.qemu import Serial, VMSpec, build_command
 
 
 def l0_spec(**kw: object) -> VMSpec:

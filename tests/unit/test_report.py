@@ -6,8 +6,7 @@ import json
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
-from lab.errors import GuestCrash
-from lab.lab import error_dict
+from lab.errors import GuestCrash, error_dict
 from lab.report import Report, StepResult
 
 

@@ -86,9 +86,9 @@ def test_run_directory_of_another_user_is_refused_before_anything_boots(
 
 
 def test_new_run_directories_are_private(tmp_path: Path) -> None:
-    from lab.cli import _new_run_dir
+    from lab.driver import new_run_dir
 
-    d = _new_run_dir(str(tmp_path / "runs" / "r1"), "x")
+    d = new_run_dir(str(tmp_path / "runs" / "r1"), "x")
     assert d.stat().st_mode & 0o777 == 0o700
 
 

@@ -6,8 +6,8 @@ import json
 from pathlib import Path
 
 from lab import hostspeed, snapshot
+from lab.machines.qemu import VMSpec, build_command
 from lab.profiles import PROFILES
-from lab.qemu import VMSpec, build_command
 
 
 def test_key_changes_with_every_input_and_only_with_them() -> None:

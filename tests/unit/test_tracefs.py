@@ -5,10 +5,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from lab.probes import INVALID_PAGE, ProbeSpec, builtin_set
-from lab.tracefs import TraceProbes, assemble, event_line, parse_trace
+from lab.probes.spec import INVALID_PAGE, ProbeSpec, builtin_set
+from lab.probes.tracefs import TraceProbes, assemble, event_line, parse_trace
 
-# Offsets as gdb computed them for Debian 6.1.0-56 (FACTS.md lists the same).
+# Offsets as gdb computed them for Debian 6.1.0-56.
 COMPILED = {
     "name": "exits", "module": "kvm_amd", "error": None,
     "captures": {
@@ -62,7 +62,7 @@ DATA = Path(__file__).resolve().parents[1] / "data"
 def recorded_probes() -> TraceProbes:
     specs = builtin_set("invalidation", "intel")
     compiled = json.loads((DATA / "tracefs-invept-compiled.json").read_text())
-    tp = TraceProbes(None, specs, compiled, t0=0.0, log=lambda m: None)  # type: ignore[arg-type]
+    tp = TraceProbes(None, specs, compiled, t0=0.0)  # type: ignore[arg-type]
     tp.parse((DATA / "tracefs-invept.trace").read_text())
     return tp
 
@@ -109,5 +109,5 @@ def test_a_condition_becomes_fetched_fields_and_a_filter() -> None:
     line = event_line(compiled, "nested_svm_vmexit")
     assert line.startswith("p:lab/one kvm_amd:nested_svm_vmexit if0=+0x1af0(%di):x64 ")
     tp = TraceProbes(None, [ProbeSpec("one", "nested_svm_vmexit")], [compiled],  # type: ignore[arg-type]
-                     t0=0.0, log=lambda m: None)
+                     t0=0.0)
     assert tp.events["one"][1]["filter"] == "if0 == 0xc000"

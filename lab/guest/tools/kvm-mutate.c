@@ -393,26 +393,25 @@ static const struct tcase cases[] = {
 };
 #define NCASES (int)(sizeof(cases) / sizeof(cases[0]))
 
+static const char *case_name(int c) { return cases[c].name; }
+static int run_case(int c) { return cases[c].fn(cases[c].name); }
+
+static const char *prepare(void)
+{
+    kvm = open("/dev/kvm", O_RDWR | O_CLOEXEC);
+    if (kvm < 0) {
+        printf("Bail out! /dev/kvm: %s\n", strerror(errno));
+        return LABTEST_BAIL;
+    }
+    return NULL;
+}
+
 int main(int argc, char **argv)
 {
-    setvbuf(stdout, NULL, _IOLBF, 0);
-    int opt;
-    while ((opt = getopt(argc, argv, "n:")) != -1) {
-        if (opt == 'n') iterations = atol(optarg);
-        else { fprintf(stderr, "usage: %s [-n ITERATIONS] [CASE...]\n", argv[0]); return 2; }
-    }
-    if (iterations < 1 || iterations > 100000) { fprintf(stderr, "bad -n\n"); return 2; }
-    const char *names[NCASES];
-    int selected[NCASES];
-    for (int c = 0; c < NCASES; c++) names[c] = cases[c].name;
-    int nsel = select_cases(argc, argv, optind, names, NCASES, selected);
-    if (!nsel) { fprintf(stderr, "no such case\n"); return 2; }
-    kvm = open("/dev/kvm", O_RDWR | O_CLOEXEC);
-    if (kvm < 0) { printf("Bail out! /dev/kvm: %s\n", strerror(errno)); return 2; }
-    double t0 = now();
-    int failed = 0;
-    for (int c = 0; c < NCASES; c++)
-        if (selected[c]) failed += cases[c].fn(cases[c].name);
-    printf("# kvm-mutate: %d cases, %ld iterations each, %.2f s\n", nsel, iterations, now() - t0);
-    return failed ? 1 : 0;
+    static const struct labtest t = {
+        .prog = "kvm-mutate", .ncases = NCASES, .name = case_name,
+        .iterations = &iterations, .min_iter = 1, .max_iter = 100000,
+        .prepare = prepare, .run = run_case,
+    };
+    return labtest_main(argc, argv, &t);
 }

@@ -1,11 +1,14 @@
-/* labtest.h: what the lab's guest-side test programs share: TAP output, case selection on
- * the command line, the clock, CPU flags. Each program stays one file plus this header. */
+/* labtest.h: what the lab's guest-side test programs share: their main() (command line, case
+ * selection, TAP plan, skips, exit status), TAP output, the clock, CPU flags. Each program
+ * stays one file plus this header: its cases, and a struct labtest that describes them. */
 #ifndef LABTEST_H
 #define LABTEST_H
 
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 #include <time.h>
+#include <unistd.h>
 
 static int tapno;
 
@@ -74,6 +77,76 @@ static inline int cpu_has(const char *flag)
     if (f)
         fclose(f);
     return found;
+}
+
+/* What a program tells labtest_main about itself. */
+struct labtest {
+    const char *prog;
+    int ncases;
+    const char *(*name)(int c);
+    long *iterations, min_iter, max_iter; /* -n ITERATIONS, within [min, max] */
+    char flag;                            /* one optional switch (0: none), sets *flag_set */
+    int *flag_set;
+    /* Why no case can run on this machine (each selected one is skipped with it), or NULL.
+     * A fatal error prints "Bail out! ..." itself and returns LABTEST_BAIL. */
+    const char *(*prepare)(void);
+    const char *(*skip)(int c); /* why case c cannot run here (skipped), or NULL; may be NULL */
+    int (*run)(int c);          /* run case c: nonzero when it failed */
+};
+#define LABTEST_BAIL ((const char *)-1)
+
+/* The programs' main: [-n ITERATIONS] [-FLAG] [CASE...]; TAP on stdout; exit 0 when every
+ * selected case passed or was skipped, 1 when one failed, 2 for bad usage or a bail-out. */
+static inline int labtest_main(int argc, char **argv, const struct labtest *t)
+{
+    char opts[8] = "n:", flag[3] = "";
+    if (t->flag) {
+        opts[2] = t->flag;
+        snprintf(flag, sizeof flag, "-%c", t->flag);
+    }
+    setvbuf(stdout, NULL, _IOLBF, 0);
+    int opt;
+    while ((opt = getopt(argc, argv, opts)) != -1) {
+        if (opt == 'n') {
+            *t->iterations = atol(optarg);
+        } else if (t->flag && opt == t->flag) {
+            *t->flag_set = 1;
+        } else {
+            fprintf(stderr, "usage: %s [-n ITERATIONS]%s%s%s [CASE...]\n", argv[0],
+                    t->flag ? " [" : "", flag, t->flag ? "]" : "");
+            return 2;
+        }
+    }
+    if (*t->iterations < t->min_iter || *t->iterations > t->max_iter) {
+        fprintf(stderr, "-n: expected %ld to %ld\n", t->min_iter, t->max_iter);
+        return 2;
+    }
+    const char *names[t->ncases];
+    int selected[t->ncases];
+    for (int c = 0; c < t->ncases; c++)
+        names[c] = t->name(c);
+    int nsel = select_cases(argc, argv, optind, names, t->ncases, selected);
+    if (!nsel) {
+        fprintf(stderr, "no such case\n");
+        return 2;
+    }
+    const char *why = t->prepare();
+    if (why == LABTEST_BAIL)
+        return 2;
+    double t0 = now();
+    int failed = 0;
+    for (int c = 0; c < t->ncases; c++) {
+        if (!selected[c])
+            continue;
+        const char *skip = why ? why : t->skip ? t->skip(c) : NULL;
+        if (skip)
+            tap_skip(names[c], skip);
+        else
+            failed += t->run(c) != 0;
+    }
+    printf("# %s: %d cases, %ld iterations each, %.2f s\n", t->prog, nsel, *t->iterations,
+           now() - t0);
+    return failed ? 1 : 0;
 }
 
 #endif

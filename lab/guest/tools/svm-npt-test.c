@@ -355,32 +355,29 @@ static const char *no_svm(void)
     return NULL;
 }
 
+static int kvm_fd;
+static const char *case_name(int c) { return cases[c].name; }
+static int run_case(int c) { return cases[c].fn(kvm_fd, cases[c].name); }
+
+static const char *prepare(void)
+{
+    const char *why = no_svm();
+    if (why)
+        return why;
+    kvm_fd = open("/dev/kvm", O_RDWR | O_CLOEXEC);
+    if (kvm_fd < 0) {
+        printf("Bail out! /dev/kvm: %s\n", strerror(errno));
+        return LABTEST_BAIL;
+    }
+    return NULL;
+}
+
 int main(int argc, char **argv)
 {
-    setvbuf(stdout, NULL, _IOLBF, 0);
-    int opt;
-    while ((opt = getopt(argc, argv, "n:")) != -1) {
-        if (opt == 'n') iterations = atol(optarg);
-        else { fprintf(stderr, "usage: %s [-n ITERATIONS] [CASE...]\n", argv[0]); return 2; }
-    }
-    if (iterations < 2 || iterations > 5000) { fprintf(stderr, "bad -n\n"); return 2; }
-    const char *names[NCASES];
-    int selected[NCASES];
-    for (int c = 0; c < NCASES; c++) names[c] = cases[c].name;
-    int nsel = select_cases(argc, argv, optind, names, NCASES, selected);
-    if (!nsel) { fprintf(stderr, "no such case\n"); return 2; }
-    const char *why = no_svm();
-    if (why) {
-        for (int c = 0; c < NCASES; c++)
-            if (selected[c]) tap_skip(cases[c].name, why);
-        return 0;
-    }
-    int kvm = open("/dev/kvm", O_RDWR | O_CLOEXEC);
-    if (kvm < 0) { printf("Bail out! /dev/kvm: %s\n", strerror(errno)); return 2; }
-    double t0 = now();
-    int failed = 0;
-    for (int c = 0; c < NCASES; c++)
-        if (selected[c]) failed += cases[c].fn(kvm, cases[c].name);
-    printf("# svm-npt-test: %d cases, %ld iterations each, %.2f s\n", nsel, iterations, now() - t0);
-    return failed ? 1 : 0;
+    static const struct labtest t = {
+        .prog = "svm-npt-test", .ncases = NCASES, .name = case_name,
+        .iterations = &iterations, .min_iter = 2, .max_iter = 5000,
+        .prepare = prepare, .run = run_case,
+    };
+    return labtest_main(argc, argv, &t);
 }

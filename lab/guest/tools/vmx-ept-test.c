@@ -462,43 +462,39 @@ static const char *probe_caps(void)
     return why;
 }
 
+static const char *case_name(int c) { return cases[c].name; }
+static int run_case(int c) { return cases[c].fn(cases[c].name); }
+
+static const char *prepare(void)
+{
+    if (!cpu_has("vmx"))
+        return "this CPU has no VMX (an AMD/SVM host runs svm-npt-test)";
+    if ((kvm = open("/dev/kvm", O_RDWR | O_CLOEXEC)) < 0) {
+        printf("Bail out! /dev/kvm: %s\n", strerror(errno));
+        return LABTEST_BAIL;
+    }
+    const char *why = probe_caps();
+    return *why ? why : NULL;
+}
+
+/* The INVEPT type a case needs, as L0 offers it to L1. */
+static const char *skip_case(int c)
+{
+    int single = (caps.ept_vpid >> 25) & 1, global = (caps.ept_vpid >> 26) & 1;
+    if (cases[c].needs == NEEDS_GLOBAL && !global)
+        return "L0 offers no INVEPT all-context";
+    if (cases[c].needs == NEEDS_SINGLE && !single)
+        return "L0 offers no INVEPT single-context";
+    return NULL;
+}
+
 int main(int argc, char **argv)
 {
-    setvbuf(stdout, NULL, _IOLBF, 0);
-    int opt;
-    while ((opt = getopt(argc, argv, "n:x")) != -1) {
-        if (opt == 'n') iterations = atol(optarg);
-        else if (opt == 'x') omit_invept = 1;
-        else { fprintf(stderr, "usage: %s [-n ITERATIONS] [-x] [CASE...]\n", argv[0]); return 2; }
-    }
-    if (iterations < 2 || iterations > 5000) { fprintf(stderr, "bad -n\n"); return 2; }
-    const char *names[NCASES];
-    int selected[NCASES];
-    for (int c = 0; c < NCASES; c++) names[c] = cases[c].name;
-    int nsel = select_cases(argc, argv, optind, names, NCASES, selected);
-    if (!nsel) { fprintf(stderr, "no such case\n"); return 2; }
-    const char *skip = NULL;
-    if (!cpu_has("vmx"))
-        skip = "this CPU has no VMX (an AMD/SVM host runs svm-npt-test)";
-    else if ((kvm = open("/dev/kvm", O_RDWR | O_CLOEXEC)) < 0) {
-        printf("Bail out! /dev/kvm: %s\n", strerror(errno));
-        return 2;
-    } else if (*(skip = probe_caps()) == 0)
-        skip = NULL;
-    double t0 = now();
-    int failed = 0;
-    for (int c = 0; c < NCASES; c++) {
-        if (!selected[c]) continue;
-        int single = (caps.ept_vpid >> 25) & 1, global = (caps.ept_vpid >> 26) & 1;
-        if (skip)
-            tap_skip(cases[c].name, skip);
-        else if ((cases[c].needs == NEEDS_SINGLE && !single) ||
-                 (cases[c].needs == NEEDS_GLOBAL && !global))
-            tap_skip(cases[c].name, cases[c].needs == NEEDS_GLOBAL
-                     ? "L0 offers no INVEPT all-context" : "L0 offers no INVEPT single-context");
-        else
-            failed += cases[c].fn(cases[c].name);
-    }
-    printf("# vmx-ept-test: %d cases, %ld iterations each, %.2f s\n", nsel, iterations, now() - t0);
-    return failed ? 1 : 0;
+    static const struct labtest t = {
+        .prog = "vmx-ept-test", .ncases = NCASES, .name = case_name,
+        .iterations = &iterations, .min_iter = 2, .max_iter = 5000,
+        .flag = 'x', .flag_set = &omit_invept,
+        .prepare = prepare, .skip = skip_case, .run = run_case,
+    };
+    return labtest_main(argc, argv, &t);
 }

@@ -4,7 +4,8 @@
 #
 # An expression is VAR, &VAR, ((struct T *)VAR), followed by ->FIELD / .FIELD / [N]: what
 # kprobe fetch arguments can express (+OFFSET(BASE) dereferences; 6.1 has no struct syntax, so
-# offsets come from here). guest_mmu(EXPR) expands into the fields the built-in capture needs.
+# offsets come from here). Captures arrive parsed (lab.probes.spec.parse_capture): {"kind":
+# "expr" | "guest_mmu", "arg": ...}; guest_mmu(ARG) expands into the fields it needs.
 #
 # Where a probe fires decides where its variables are:
 # - entry: the function's first instruction; its arguments are in the ABI's registers.
@@ -328,22 +329,21 @@ def guest_mmu_fields(expr, env):
 
 def compile_captures(captures, env):
     out = {}
-    for cname, expr in captures.items():
-        m = re.match(r"^\s*guest_mmu\((.+)\)\s*$", expr)
-        if m:
-            fetches, meta = guest_mmu_fields(m.group(1).strip(), env)
+    for cname, cap in captures.items():
+        if cap["kind"] == "guest_mmu":
+            fetches, meta = guest_mmu_fields(cap["arg"], env)
             out[cname] = {"kind": "guest_mmu", "fetch": fetches, **meta}
         else:
-            out[cname] = {"kind": "value", "fetch": {"v": fetch(*compile_expr(expr, env))}}
+            out[cname] = {"kind": "value",
+                          "fetch": {"v": fetch(*compile_expr(cap["arg"], env))}}
     return out
 
 
 def roots_of(captures):
     """The variables the captures start from."""
     names = set()
-    for expr in captures.values():
-        m = re.match(r"^\s*guest_mmu\((.+)\)\s*$", expr)
-        e = m.group(1) if m else expr
+    for cap in captures.values():
+        e = cap["arg"]
         c = CAST.match(e)
         if c:
             names.add(c.group(2))

@@ -1,9 +1,9 @@
 """QEMU: the command line built from a description, and the host process with its lifecycle.
 
-`build_command` serves every level: the host runs L0 with it, and a parent level runs its child
-with it over SSH (lab/nested.py). `QemuVM` is the host side: a context manager that starts QEMU
-with its CPUs held, attaches QMP and the serial consoles, lets the CPUs go, and on the way out
-powers down, quits, and kills, each with a bounded wait.
+`build_command` serves every level: the host runs L0 with it, and a parent level runs its
+child with it over SSH (lab/machines/nested.py). `QemuVM` is the host side: a context manager
+that starts QEMU with its CPUs held, attaches QMP and the serial consoles, lets the CPUs go,
+and on the way out powers down, quits, and kills, each with a bounded wait.
 """
 
 from __future__ import annotations
@@ -11,17 +11,18 @@ from __future__ import annotations
 import contextlib
 import os
 import shlex
-import socket
 import subprocess
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from lab import procs
 from lab.console import Console
 from lab.errors import LaunchError, VMDied
-from lab.qmp import QMP, QMPError
+from lab.machines.base import L0Request
+from lab.machines.qmp import QMP, QMPError
 
 
 @dataclass(frozen=True)
@@ -103,11 +104,25 @@ def shell_command(spec: VMSpec) -> str:
     return " ".join(shlex.quote(a) for a in build_command(spec))
 
 
-def free_port() -> int:
-    """A currently free TCP port on 127.0.0.1 (QEMU binds it; a lost race is retried)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+def l0_spec(req: L0Request, ssh_port: int) -> VMSpec:
+    """L0 under QEMU on the host, as `req` asks (the same spec for the same request: the
+    saved-lab key is built from it)."""
+    p = req.profile
+    return VMSpec(
+        level="l0", accel=p.accel, cpu=p.l0_cpu, memory_mb=req.level.memory_mb,
+        cpus=req.level.cpus, kernel=str(req.kernel), initrd=str(req.initrd),
+        append=req.append, ssh_port=ssh_port,
+        # ttyS0 is L0's own console; ttyS1 and ttyS2 relay L1's and L2's to the host.
+        serials=[Serial(n, "unix", str(req.sock_dir / f"{n}.console")) for n in req.consoles],
+        qmp=str(req.sock_dir / "qmp"),
+        # A unix socket in the lab's private directory: a TCP port, even on loopback, would
+        # let any local user drive QEMU's monitor through gdb.
+        gdb=str(req.sock_dir / "gdb"), hold=req.hold, incoming=req.incoming)
+
+
+def create(req: L0Request, ssh_port: int,
+           on_crash: Callable[[Console], None] | None = None) -> QemuVM:
+    return QemuVM(l0_spec(req, ssh_port), req.run_dir, on_crash=on_crash)
 
 
 class QemuVM:
@@ -126,6 +141,7 @@ class QemuVM:
         self.stderr_path = run_dir / f"{spec.level}.qemu.log"
         self.command = build_command(spec)
         self.launched_at: float | None = None
+        self.gdb_socket = spec.gdb
 
     def __enter__(self) -> QemuVM:
         return self
@@ -139,9 +155,9 @@ class QemuVM:
         except OSError:
             return ""
 
-    def start(self, timeout: float = 30.0, run: bool = True) -> None:
+    def start(self, timeout: float = 30.0) -> None:
         """Launch with the CPUs held, attach QMP and consoles, then run (unless spec.hold, or
-        `run` is false: the caller has more to do first, e.g. restore a saved lab)."""
+        spec.incoming: a saved lab is restored into it first)."""
         cmd = build_command(VMSpec(**{**self.spec.__dict__, "hold": True}))
         self.command = build_command(self.spec)
         with open(self.stderr_path, "ab") as err:
@@ -175,8 +191,14 @@ class QemuVM:
                 con.on_crash(self.on_crash)
             con.attach_unix(s.path, deadline)
             self.consoles[s.carries] = con
-        if run and not self.spec.hold:
+        if not (self.spec.hold or self.spec.incoming):
             self.qmp.execute("cont")
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def describe(self) -> dict[str, Any]:
+        return {}  # nothing beyond the profile's description
 
     def check_alive(self) -> None:
         if self.proc is not None and self.proc.poll() is not None:

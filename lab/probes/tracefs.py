@@ -16,7 +16,9 @@ expressions beyond VAR->field chains.
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import logging
 import os
 import re
 import subprocess
@@ -26,8 +28,10 @@ from pathlib import Path
 from typing import Any
 
 from lab.errors import LabError
-from lab.probes import INVALID_PAGE, ProbeSpec
+from lab.probes.spec import ProbeSpec, guest_mmu_record, probe_record, root_record
 from lab.ssh import SSHSession
+
+log = logging.getLogger(__name__)
 
 TRACE = "/sys/kernel/tracing"
 GROUP = "lab"
@@ -39,12 +43,13 @@ def compile_probes(specs: list[ProbeSpec], vmlinux: Path, modules: list[Path],
                    log_dir: Path) -> list[dict[str, Any]]:
     """Ask gdb (batch, on the host) for every offset the probes' captures need."""
     helper = log_dir / "tracefs-compile.py"
-    helper.write_bytes((resources.files("lab") / "guest" / "tracefs_compile.py").read_bytes())
+    helper.write_bytes((resources.files("lab.probes") / "tracefs_compile.py").read_bytes())
     # Any distinct kernel-like address will do for a module's .text (offsets are what comes
     # back); at 0 gdb finds no block for a function's pc.
     bases = {str(ko): 0xFFFFFFFFC0000000 + i * 0x1000000 for i, ko in enumerate(modules)}
-    req = {"probes": [{"name": s.name, "at": s.at, "captures": s.captures, "when": s.when,
-                       "condition": s.condition} for s in specs], "bases": bases}
+    req = {"probes": [{"name": s.name, "at": s.at, "when": s.when, "condition": s.condition,
+                       "captures": {n: dataclasses.asdict(c) for n, c in s.parsed.items()}}
+                      for s in specs], "bases": bases}
     cmd = ["gdb", "-batch", "-nx", "-q", str(vmlinux)]
     for ko, base in bases.items():
         cmd += ["-ex", f"add-symbol-file {ko} {base:#x}"]
@@ -110,15 +115,12 @@ def assemble(captures: dict[str, Any], fields: dict[str, int]) -> dict[str, Any]
         if cap["kind"] == "value":
             caps[cname] = get("v")
             continue
-        prev = [{"pgd": get(f"p{k}_pgd"), "hpa": get(f"p{k}_hpa"),
-                 "valid": get(f"p{k}_hpa") != INVALID_PAGE} for k in range(cap["prev"])]
+        prev = [root_record(get(f"p{k}_pgd"), get(f"p{k}_hpa")) for k in range(cap["prev"])]
         vcpu = get("vcpu") + cap["extra"]
-        caps[cname] = {
-            "current": {"pgd": get("cur_pgd"), "hpa": get("cur_hpa"),
-                        "valid": get("cur_hpa") != INVALID_PAGE},
-            "previous": prev,
+        caps[cname] = guest_mmu_record(
+            root_record(get("cur_pgd"), get("cur_hpa")), prev,
             # "guest_mmu is active" is decided here: mmu == &vcpu->arch.guest_mmu
-            "active": get("mmu") == vcpu + cap["guest_mmu_offset"]}
+            get("mmu") == vcpu + cap["guest_mmu_offset"])
     return caps
 
 
@@ -128,13 +130,15 @@ class TraceProbes:
     name = "tracefs"
 
     def __init__(self, ssh: SSHSession, specs: list[ProbeSpec], compiled: list[dict[str, Any]],
-                 t0: float, log: Any = print, trace_log: Path | None = None) -> None:
+                 t0: float, trace_log: Path | None = None,
+                 setup: dict[str, Any] | None = None) -> None:
         self.ssh = ssh
         self.trace_log = trace_log  # where the raw trace goes (the run's tracefs.log)
         self.specs = specs
         self.compiled = compiled
         self.t0 = t0
-        self.log = log
+        self.error: str | None = None
+        self.setup = setup or {}
         self.hits: dict[str, list[dict[str, Any]]] = {s.name: [] for s in specs}
         self.errors = {c["name"]: c["error"] for c in compiled}
         self.lines: dict[str, str] = {}  # event -> its kprobe_events line
@@ -160,13 +164,13 @@ class TraceProbes:
                 f"echo 16384 > {TRACE}/buffer_size_kb"]
         for spec, c in zip(self.specs, self.compiled, strict=True):
             if c["error"]:
-                self.log(f"probe {spec.name}: {c['error']}")
+                log.info(f"probe {spec.name}: {c['error']}")
         for ev, line in self.lines.items():
             spec, site = self.events[ev]
             cmds.append(f"echo '{line}' >> {TRACE}/kprobe_events || "
                         f"{{ echo \"{spec.name}: $(tail -3 {TRACE}/error_log)\"; }}")
             filt = site.get("filter")
-            if filt:  # the probe's condition, compiled (lab/guest/tracefs_compile.py)
+            if filt:  # the probe's condition, compiled (lab/probes/tracefs_compile.py)
                 cmds.append(f"echo '{filt}' > {TRACE}/events/{GROUP}/{ev}/filter || "
                             f"echo \"{spec.name}: filter {filt!r} refused\"")
             cmds.append(f"[ -d {TRACE}/events/{GROUP}/{ev} ] && "
@@ -185,7 +189,7 @@ class TraceProbes:
             self.clock = (host_now, float(lines[-1]))
         except (IndexError, ValueError):
             self.clock = None
-        self.log(f"tracefs: {len(self.lines)} kprobe events in L0 "
+        log.info(f"tracefs: {len(self.lines)} kprobe events in L0 "
                  f"({', '.join(self.lines) or 'none'})")
 
     def stop(self) -> None:
@@ -236,9 +240,21 @@ class TraceProbes:
                 open_hit[(spec.name, rec["cpu"])] = hit
 
     def results(self) -> list[dict[str, Any]]:
-        return [{"name": s.name, "at": s.at,
-                 "location": "; ".join(ln for ev, ln in self.lines.items()
-                                       if self.events[ev][0] is s),
-                 "condition": s.condition, "when": s.when, "origin": s.origin,
-                 "max_hits": s.max_hits, "error": self.errors.get(s.name),
-                 "hits": self.hits[s.name]} for s in self.specs]
+        return [probe_record(s, "; ".join(ln for ev, ln in self.lines.items()
+                                          if self.events[ev][0] is s),
+                             self.errors.get(s.name), self.hits[s.name]) for s in self.specs]
+
+    def releases_gdbstub(self) -> bool:
+        return False  # it never had it
+
+
+def start(ssh: SSHSession, specs: list[ProbeSpec], vmlinux: Path, modules: list[Path],
+          run_dir: Path, t0: float) -> TraceProbes:
+    """Compile the probes against L0's kernel and modules and start tracing in L0."""
+    t = time.monotonic()
+    compiled = compile_probes(specs, vmlinux, modules, run_dir)
+    tp = TraceProbes(ssh, specs, compiled, t0, trace_log=run_dir / "tracefs.log")
+    tp.start()
+    tp.setup = {"tracefs_compile_s": round(time.monotonic() - t, 3),
+                "kprobe_events": list(tp.lines.values())}
+    return tp

@@ -7,6 +7,7 @@ import socket
 import time
 from typing import Any
 
+from lab.deadline import TimedOut, connect_socket
 from lab.errors import LabError
 
 
@@ -23,21 +24,12 @@ class QMP:
         self.events: list[dict[str, Any]] = []
 
     def connect(self, deadline: float) -> None:
-        last: Exception | None = None
-        while time.monotonic() < deadline:
-            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            try:
-                s.connect(self.path)
-            except OSError as e:
-                s.close()
-                last = e
-                time.sleep(0.02)
-                continue
-            self.sock = s
-            self._read_message()  # greeting
-            self.execute("qmp_capabilities")
-            return
-        raise QMPError(f"QMP socket {self.path} did not answer: {last}")
+        try:
+            self.sock = connect_socket(socket.AF_UNIX, self.path, deadline)
+        except TimedOut as e:
+            raise QMPError(f"QMP socket {self.path} did not answer: {e.last}") from None
+        self._read_message()  # greeting
+        self.execute("qmp_capabilities")
 
     def _read_message(self) -> dict[str, Any]:
         assert self.sock is not None

@@ -1,7 +1,7 @@
 """A bootable ISO holding a kernel, its initramfs and its command line (ISOLINUX).
 
 Bochs has no -kernel: its BIOS boots a disk or a CD, and ISOLINUX on a CD is the shortest path
-from there to a Linux kernel with an initramfs and a command line (FACTS.md, poc/bochs).
+from there to a Linux kernel with an initramfs and a command line.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from lab.errors import LabError
 ISOLINUX_BIN = Path("/usr/lib/ISOLINUX/isolinux.bin")
 SYSLINUX_MODULES = Path("/usr/lib/syslinux/modules/bios")
 LDLINUX_C32 = SYSLINUX_MODULES / "ldlinux.c32"
-# What syslinux's multiboot loader needs beside ldlinux.c32 (the PVH path, lab/pvh.py).
+# What syslinux's multiboot loader needs beside ldlinux.c32 (the PVH path, lab/machines/pvh.py).
 MBOOT_C32 = ["mboot.c32", "libcom32.c32"]
 
 

@@ -1,8 +1,8 @@
 """Bochs: L0 on an emulated CPU with VMX and EPT, for hosts without Intel hardware.
 
-The same part as lab/qemu.py's QemuVM, for the bochs-vmx profile: a bochsrc rendered from a
+The same part as lab/machines/qemu.py's QemuVM, for the bochs-vmx profile: a bochsrc rendered from a
 description, the host process with its lifecycle, and the consoles. What differs, and why:
-- Boot from an ISOLINUX CD (lab/iso.py): Bochs has no -kernel.
+- Boot from an ISOLINUX CD (lab/machines/iso.py): Bochs has no -kernel.
 - Consoles on 127.0.0.1 TCP (Bochs 2.7 has no unix sockets). A `socket-server` port holds the
   whole machine until one client connects, then stops listening, so the lab connects to each
   port right after launch and nobody else can afterwards.
@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import logging
 import os
 import shlex
 import subprocess
@@ -22,6 +23,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import jinja2
 
@@ -29,12 +31,14 @@ from lab import procs
 from lab.cache import locked
 from lab.console import Console
 from lab.errors import LaunchError, VMDied
-from lab.iso import make_boot_iso
-from lab.pvh import NoPvh, loader, vmlinux_from_bzimage
+from lab.machines.base import L0Request, free_port
+from lab.machines.iso import make_boot_iso
+from lab.machines.pvh import NoPvh, loader, vmlinux_from_bzimage
 
 BIOS = "/usr/share/bochs/BIOS-bochs-latest"
 VGABIOS = "/usr/share/vgabios/vgabios.bin"
 MAX_SERIALS = 4  # com1..com4
+log = logging.getLogger(__name__)
 
 _env = jinja2.Environment(loader=jinja2.PackageLoader("lab", "templates"),
                           undefined=jinja2.StrictUndefined, keep_trailing_newline=True,
@@ -55,7 +59,7 @@ class BochsSpec:
     ips: int = 100_000_000
     mac: str = "52:54:00:12:34:56"
     # Enter the kernel at its PVH entry rather than through the bzImage's decompressor
-    # (lab/pvh.py: ~40 s less per boot); no KASLR that way.
+    # (lab/machines/pvh.py: ~40 s less per boot); no KASLR that way.
     pvh: bool = True
 
 
@@ -75,8 +79,7 @@ def render_slirp_conf(ssh_port: int) -> str:
     return text
 
 
-def boot_iso(spec: BochsSpec, cache: Path,
-             log: Callable[[str], None] = lambda m: None) -> tuple[Path, str]:
+def boot_iso(spec: BochsSpec, cache: Path) -> tuple[Path, str]:
     """The boot CD for this kernel, initramfs and command line, made once and kept in the
     cache (a nested L0's initramfs is ~150 MB: not something to write per run); and how it
     boots ("pvh" or "bzImage")."""
@@ -85,7 +88,7 @@ def boot_iso(spec: BochsSpec, cache: Path,
         try:
             pvh = (loader(cache), vmlinux_from_bzimage(Path(spec.kernel), cache))
         except NoPvh as e:
-            log(f"{spec.level}: booting the bzImage: {e}")
+            log.info(f"{spec.level}: booting the bzImage: {e}")
     h = hashlib.sha256()
     for f in (spec.kernel, spec.initrd, *(pvh or ())):
         st = os.stat(f)
@@ -103,16 +106,30 @@ def boot_iso(spec: BochsSpec, cache: Path,
     return iso, "pvh" if pvh else "bzImage"
 
 
+def create(req: L0Request, ssh_port: int,
+           on_crash: Callable[[Console], None] | None = None) -> BochsVM:
+    if "e1000" not in req.image_modules:
+        # A build tree may have it built in; a Debian cloud kernel has not.
+        log.warning("l0: its image has no e1000 module: unless the kernel has it built in, "
+                    "SSH to L0 under Bochs will not come up")
+    spec = BochsSpec(
+        level="l0", cpu_model=req.profile.l0_cpu, memory_mb=req.level.memory_mb,
+        cpus=req.level.cpus, kernel=str(req.kernel), initrd=str(req.initrd),
+        append=req.append, ssh_port=ssh_port,
+        # COM1 is L0's own console; COM2 and COM3 relay L1's and L2's, as under QEMU.
+        serials={n: free_port() for n in req.consoles},
+        pvh=not req.level.kaslr)  # KASLR is the bzImage decompressor's work
+    return BochsVM(spec, req.run_dir, req.sock_dir, req.cache, on_crash=on_crash)
+
+
 class BochsVM:
     """L0: a Bochs process on the host."""
 
-    has_gdbstub = False
+    gdb_socket = None  # Bochs's own debugger is not a gdbstub (see the module's docstring)
 
     def __init__(self, spec: BochsSpec, run_dir: Path, work_dir: Path, cache: Path, *,
-                 on_crash: Callable[[Console], None] | None = None,
-                 log: Callable[[str], None] = lambda m: None) -> None:
+                 on_crash: Callable[[Console], None] | None = None) -> None:
         self.spec = spec
-        self.log = log
         self.boot = ""  # "pvh" or "bzImage", once started
         self.run_dir = run_dir
         self.work_dir = work_dir  # private: bochsrc, slirp.conf (the registry finds us by it)
@@ -142,7 +159,7 @@ class BochsVM:
     def start(self, timeout: float = 60.0) -> None:
         """Render the configuration, launch, and connect every console (Bochs waits for them
         before it runs the guest)."""
-        iso, self.boot = boot_iso(self.spec, self.cache, self.log)
+        iso, self.boot = boot_iso(self.spec, self.cache)
         slirp = self.work_dir / "slirp.conf"
         slirp.write_text(render_slirp_conf(self.spec.ssh_port))
         self.bochsrc.write_text(render_bochsrc(self.spec, iso, slirp, self.events_path))
@@ -177,6 +194,12 @@ class BochsVM:
             raise LaunchError(f"{self.spec.level}: Bochs exited with status "
                               f"{self.proc.returncode} at launch", command=self.command,
                               output=self._output(), level=self.spec.level)
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def describe(self) -> dict[str, Any]:
+        return {"boot": self.boot}  # "pvh" or "bzImage"
 
     def check_alive(self) -> None:
         if self.proc is not None and self.proc.poll() is not None:

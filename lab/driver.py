@@ -1,0 +1,136 @@
+"""Running playbooks and suites to the end: `lab run`, and `lab up`'s background supervisor.
+
+A playbook run is one Lab's lifecycle (lab/lab.py); a suite is its playbooks one after the
+other, each in its own run directory, judged against what the suite expects of it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import logging
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+from lab import access, doctor, playbook, procs, suite
+from lab.cache import cache_root
+from lab.errors import LabError, UsageError
+from lab.profiles import Profile, get_profile
+from lab.report import Report, summary
+
+log = logging.getLogger(__name__)
+
+
+def resolve_profile(name: str) -> Profile:
+    if name == "auto":
+        rep = doctor.probe(versions=False)
+        if rep.profile is None:
+            raise LabError(f"no profile can run on this host: {rep.profile_reason}")
+        return get_profile(rep.profile)
+    profile = get_profile(name)
+    if profile.machine == "bochs":
+        rep = doctor.probe(versions=False)
+        if not rep.bochs_can_run:
+            missing = {**rep.missing, **rep.bochs_missing}
+            raise LabError(f"profile {name} cannot run on this host: missing "
+                           f"{', '.join(sorted(missing))} (apt-get install -y "
+                           f"{' '.join(sorted(set(missing.values())))})")
+    return profile
+
+
+def new_run_dir(out: str | None, name: str) -> Path:
+    """The run directory: --out, or runs/<time>-<name>; private to this user, and never one
+    where a lab is running."""
+    d = Path(out) if out else Path("runs") / f"{datetime.datetime.now():%Y%m%d-%H%M%S}-{name}"
+    d = d.resolve()
+    d.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        # Keys, ssh_config and gdbinit go in here and are used from here: this user's only.
+        procs.private_dir(d, "the run directory")
+    except procs.UnsafeDirectory as e:
+        raise UsageError(str(e)) from None
+    if (d / "state.json").exists():
+        st = access.read_state(d)
+        if st.get("status") in ("up", "booting") and procs.alive(int(st.get("owner_pid", 0))):
+            raise UsageError(f"--out {d}: a lab is running there; `lab down --run {d}` first")
+    return d
+
+
+def kernel_tree(arg: str | None) -> Path | None:
+    tree = Path(arg).resolve() if arg else None
+    if tree is not None and not tree.is_dir():
+        raise UsageError(f"--kernel-tree {arg}: not a directory")
+    return tree
+
+
+@contextlib.contextmanager
+def run_log(run_dir: Path) -> Iterator[None]:
+    """Everything the lab logs during a run also goes to RUN/lab.log."""
+    h = logging.FileHandler(run_dir / "lab.log")
+    h.setFormatter(logging.Formatter("[lab %(asctime)s] %(message)s", "%H:%M:%S"))
+    root = logging.getLogger("lab")
+    root.addHandler(h)
+    try:
+        yield
+    finally:
+        root.removeHandler(h)
+        h.close()
+
+
+def run_playbook(pb: playbook.Playbook, run_dir: Path, profile: Profile, tree: Path | None,
+                 hold: bool = False, cold: bool = False, serve: bool = False,
+                 started: float | None = None) -> Report:
+    """One playbook's lab, start to end (or, `serve`, until `lab down`). `started`: when
+    the command began (reading and checking the playbook is the run's `validate` phase)."""
+    from lab.lab import Lab
+    from lab.running import serve_until_stopped
+
+    lab = Lab(pb, run_dir, profile, cache_root(), kernel_tree=tree, hold=hold, cold=cold)
+    lab.report.phases["validate"] = round(time.monotonic() - (started or lab.t0), 3)
+    if serve:  # the supervisor's stderr is RUN/lab.log already
+        return lab.run(serve=serve_until_stopped)
+    with run_log(run_dir):
+        return lab.run()
+
+
+def run(path: Path, out: str | None, profile_name: str | None, tree_arg: str | None,
+        cold: bool) -> int:
+    """`lab run`: a playbook or a suite; the exit status."""
+    t0 = time.monotonic()
+    if suite.is_suite(path):
+        return run_suite(path, out, profile_name, tree_arg, cold)
+    pb = playbook.load(path)
+    profile = resolve_profile(profile_name or pb.profile)
+    rep = run_playbook(pb, new_run_dir(out, pb.name), profile, kernel_tree(tree_arg),
+                       cold=cold, started=t0)
+    print(summary(rep))
+    return rep.exit_status
+
+
+def run_suite(path: Path, out: str | None, profile_name: str | None, tree_arg: str | None,
+              cold: bool) -> int:
+    t0 = time.monotonic()
+    s = suite.load(path)  # validates every playbook before anything boots
+    tree = kernel_tree(tree_arg)
+    run_dir = new_run_dir(out, s.name)
+    runs = []
+    for i, entry in enumerate(s.entries):
+        pb = playbook.load(entry.playbook)
+        profile = resolve_profile(profile_name or pb.profile)
+        sub_dir = run_dir / f"{i + 1:02d}-{pb.name}"
+        sub_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        log.info(f"suite {s.name}: [{i + 1}/{len(s.entries)}] {pb.name} "
+                 f"(expect {entry.expect})")
+        rep = run_playbook(pb, sub_dir, profile, tree, cold=cold, started=time.monotonic())
+        print(summary(rep))
+        runs.append((entry, sub_dir, rep.to_dict()))
+        if rep.error and rep.error.get("kind") == "aborted":
+            break
+    code = suite.write(s, run_dir, runs, time.monotonic() - t0)
+    for entry, _, r in runs:
+        met, why = suite.outcome(entry.expect, r)
+        print(f"  {'met ' if met else 'NOT '} {entry.playbook.name}: {why}")
+    print(f"{s.name}: {'PASSED' if code == 0 else 'FAILED'} (exit {code}); "
+          f"{run_dir}/junit.xml, {run_dir}/report.html")
+    return code

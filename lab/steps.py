@@ -1,0 +1,91 @@
+"""A playbook's steps: each run on its level over SSH, its output kept, its verdict given.
+
+`verdict` is the whole of how a step passes or fails, as a pure function of what the step
+asked for and what came back; `run` is the part with a lifecycle (the SSH command, the output
+files).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from lab import tap
+from lab.errors import LabError
+from lab.playbook import Step
+from lab.report import StepResult
+from lab.ssh import SSHSession
+
+log = logging.getLogger(__name__)
+
+OUTPUT_KEEP = 64 << 10  # bytes of head and of tail of a step's output kept in the report
+
+
+@dataclass
+class Verdict:
+    status: str  # passed | failed
+    message: str = ""
+    cases: list[dict[str, Any]] = field(default_factory=list)  # TAP cases, if any
+
+
+def verdict(step: Step, exit_status: int, stdout: str) -> Verdict:
+    """Passed when the exit status is the one expected and, for a TAP step, every case is."""
+    v = Verdict("passed")
+    if step.tap:
+        parsed = tap.parse(stdout)
+        v.cases = [c.to_dict() for c in parsed.cases]
+        if not parsed.cases:
+            v.status, v.message = "failed", "no TAP output"
+        elif not parsed.ok:
+            v.status, v.message = "failed", parsed.problems()
+    if v.status == "passed" and exit_status != step.expect:
+        v.status, v.message = "failed", f"exit status {exit_status}, expected {step.expect}"
+    return v
+
+
+def run(step: Step, index: int, ssh: SSHSession, steps_dir: Path, speed_factor: float,
+        check: Callable[[], None], into: list[StepResult]) -> StepResult:
+    """Run one step and judge it; its result goes `into` the list before it runs, so that a
+    LabError (SSH gone, a level crashed, the timeout) leaves it there, as an error."""
+    log.info(f"[{step.on}] {step.name}: {step.run.strip().splitlines()[0]}")
+    # The step's timeout was written for the reference host: scaled to this one.
+    timeout = round(step.timeout * speed_factor, 1)
+    res = StepResult(name=step.name, level=step.on, command=step.run, expected=step.expect,
+                     status="error", timeout=timeout)
+    into.append(res)
+    t = time.monotonic()
+    # Every byte of the output goes to RUN/steps/ as it came (binary kept exact); the
+    # report keeps a bounded head and tail, however much the step prints.
+    base = steps_dir / f"{index:02d}-{file_name(step.name)}"
+    res.output_files = [f"steps/{base.name}.out", f"steps/{base.name}.err"]
+    try:
+        with open(f"{base}.out", "wb") as fo, open(f"{base}.err", "wb") as fe:
+            r = ssh.run(step.run, timeout=timeout, check=check, keep=OUTPUT_KEEP,
+                        sinks=(fo, fe))
+    except LabError as e:
+        res.seconds = round(time.monotonic() - t, 3)
+        res.message = str(e).splitlines()[0]
+        raise
+    res.exit_status, res.stdout, res.stderr = r.exit_status, r.stdout, r.stderr
+    res.stdout_bytes, res.stderr_bytes = r.stdout_bytes, r.stderr_bytes
+    res.seconds = round(r.seconds, 3)
+    v = verdict(step, r.exit_status, r.stdout)
+    res.status, res.message, res.cases = v.status, v.message, v.cases
+    if res.status == "failed":
+        log.info(f"  FAILED: {res.message}\n{_indent(r.stdout + r.stderr)}")
+    return res
+
+
+def file_name(name: str) -> str:
+    """A step's name as part of a file name: nothing in it can leave the directory."""
+    safe = "".join(c if c.isalnum() or c in "-_." else "-" for c in name).strip(".-")
+    return safe[:60] or "step"
+
+
+def _indent(text: str, prefix: str = "    ") -> str:
+    lines = text.rstrip().splitlines()[-20:]
+    return "\n".join(prefix + ln for ln in lines)
