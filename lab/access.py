@@ -66,6 +66,7 @@ class Record:
     levels: dict[str, dict[str, Any]] = field(default_factory=dict)
     problem: str | None = None  # what went wrong while the lab stays up for a look
     error: dict[str, Any] | None = None  # why it ended, if it failed
+    events: list[dict[str, Any]] = field(default_factory=list)  # kernel events (lab/events.py)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)

@@ -164,6 +164,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("gdb_args", nargs=argparse.REMAINDER, help="more arguments for gdb")
     g.set_defaults(func=running.gdb)
 
+    st = sub.add_parser("status", help="a lab's levels and every kernel event so far")
+    st.add_argument("--run", help="run directory (default: the most recent lab that is up)")
+    st.add_argument("--json", action="store_true", help="print one JSON object")
+    st.set_defaults(func=running.status)
+
     dn = sub.add_parser("down", help="stop a running lab")
     dn.add_argument("--run", help="run directory (default: the most recent lab that is up)")
     dn.set_defaults(func=running.down)

@@ -1,11 +1,13 @@
-"""A level's serial console: logged in full, watched for crashes, waited on for boot markers.
+"""A level's serial console: logged in full, watched for kernel events, waited on for boot
+markers.
 
 A reader thread splits the console's socket stream into lines; each line is timestamped,
 written to the run directory's log (raw bytes go to the log as they came), and checked for a
-kernel crash. A line is kept in memory in pieces of at most MAX_LINE_BYTES, so a guest that
-prints without end costs the lab bounded memory and time (pexpect, which did this before,
-keeps every byte since its last match and searches it again). A crash is noticed the moment
-its first line arrives, so the lab fails fast instead of waiting out a timeout.
+kernel event (lab/events.py: BUG, Oops, panic, WARNING, ...). A line is kept in memory in
+pieces of at most MAX_LINE_BYTES, so a guest that prints without end costs the lab bounded
+memory and time. Every event is recorded and handed to the lab the moment its first line
+arrives; the first one the lab does not `accept` (expected by the playbook) is the console's
+`crash`, and ends any wait on it at once instead of waiting out a timeout.
 """
 
 from __future__ import annotations
@@ -19,36 +21,20 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from lab import events
 from lab.deadline import TimedOut, connect_socket
 from lab.errors import BootError, GuestCrash, VMDied
+from lab.events import Event
 
 
 class ConsoleTimeout(BootError):
     """The awaited line did not come in time (the console is still open)."""
 
 
-# Order matters: the first pattern that matches names the crash.
-CRASH_PATTERNS: list[tuple[str, re.Pattern[str]]] = [
-    ("KASAN", re.compile(r"BUG: KASAN: ")),
-    ("panic", re.compile(r"Kernel panic - not syncing")),
-    ("BUG", re.compile(r"(?:^|\] |\s)BUG: ")),
-    ("Oops", re.compile(r"(?:^|\] |\s)Oops: ")),
-    ("WARNING", re.compile(r"WARNING: CPU: \d+ PID: \d+ at ")),
-    ("general protection fault", re.compile(r"general protection fault")),
-]
-
 EXCERPT_BEFORE = 5
 EXCERPT_AFTER = 60
 MAX_LINES = 20000
 MAX_LINE_BYTES = 16 << 10  # a longer line is kept in pieces (the log file has it whole)
-
-
-def classify(line: str) -> str | None:
-    """The kind of kernel crash a console line starts, or None."""
-    for kind, rx in CRASH_PATTERNS:
-        if rx.search(line):
-            return kind
-    return None
 
 
 @dataclass
@@ -65,22 +51,40 @@ class Crash:
     line: str
 
 
+@dataclass
+class _Seen:
+    event: Event
+    index: int  # of its first line in Console.lines (moved when old lines are dropped)
+    done: bool = False  # its excerpt is filled in
+
+
 class Console:
     def __init__(self, level: str, log_path: Path) -> None:
         self.level = level
         self.log_path = log_path
         self.lines: list[Line] = []
         self.first_output: float | None = None
-        self.crash: Crash | None = None
+        self.crash: Crash | None = None  # the first event not accepted
         self.closed = False
+        self.t0 = 0.0  # events' times are seconds since this (the lab's start)
+        # Whether an event is expected (then it is recorded but is no crash); the lab's.
+        self.accept: Callable[[Event], bool] = lambda ev: False
+        self._seen: list[_Seen] = []
         self._cond = threading.Condition()
         self._thread: threading.Thread | None = None
         self._sock: socket.socket | None = None
-        self._on_crash: list[Callable[[Console], None]] = []
+        self._on_event: list[Callable[[Console, Event], None]] = []
         self._log = open(log_path, "ab")  # noqa: SIM115 (lives as long as the console)
 
-    def on_crash(self, callback: Callable[[Console], None]) -> None:
-        self._on_crash.append(callback)
+    def on_event(self, callback: Callable[[Console, Event], None]) -> None:
+        """`callback(console, event)` for every kernel event, as its first line arrives (on
+        the console's reader thread)."""
+        self._on_event.append(callback)
+
+    @property
+    def events(self) -> list[Event]:
+        with self._cond:
+            return [s.event for s in self._seen]
 
     # -- attaching -------------------------------------------------------------------------
     def attach_unix(self, path: str, deadline: float) -> None:
@@ -139,7 +143,7 @@ class Console:
     def _line(self, raw: bytes) -> None:
         text = raw.decode(errors="replace").rstrip("\r")
         now = time.monotonic()
-        callbacks: list[Callable[[Console], None]] = []
+        new: Event | None = None
         with self._cond:
             if self.first_output is None:
                 self.first_output = now
@@ -149,15 +153,50 @@ class Console:
                 del self.lines[:drop]
                 if self.crash:
                     self.crash.index = max(0, self.crash.index - drop)
-            if self.crash is None:
-                kind = classify(text)
-                if kind:
-                    self.crash = Crash(kind, len(self.lines) - 1, now, text.strip())
-                    callbacks = list(self._on_crash)
+                for s in self._seen:
+                    s.index = max(0, s.index - drop)
+            kind = events.detect(text)
+            if kind and not self._within_open_report(kind):
+                new = events.parse(self.level, kind, round(now - self.t0, 3), text)
+                self._seen.append(_Seen(new, len(self.lines) - 1))
+                if self.crash is None and not self.accept(new):
+                    self.crash = Crash(kind, len(self.lines) - 1, now, new.line)
             self._cond.notify_all()
         self._log.flush()
-        for cb in callbacks:
-            cb(self)
+        if new is not None:
+            for cb in list(self._on_event):
+                cb(self, new)
+
+    def _within_open_report(self, kind: str) -> bool:
+        """Whether the `kind` line just added belongs to the report of the last event (its
+        BUG line's Oops), not a new one."""
+        if not self._seen or not events.continues(self._seen[-1].event.kind, kind):
+            return False
+        start = self._seen[-1].index
+        last = len(self.lines) - 1
+        if last - start > events.REPORT_LINES or last == start:
+            return False
+        return not any(events.END_OF_REPORT.search(ln.text)
+                       for ln in self.lines[start + 1:last])
+
+    def complete_events(self, settled: float = 2.0) -> list[Event]:
+        """Fill in the excerpt (and an Oops's RIP function) of every event whose report has
+        had `settled` seconds to arrive; returns those completed now."""
+        done = []
+        now = time.monotonic()
+        with self._cond:
+            for s in self._seen:
+                if s.done:
+                    continue
+                first = self.lines[s.index].t if s.index < len(self.lines) else 0.0
+                if now - first < settled and not self.closed:
+                    continue
+                start = max(0, s.index - events.EXCERPT_BEFORE)
+                lines = [ln.text for ln in self.lines[start:s.index + events.EXCERPT_AFTER]]
+                events.complete(s.event, lines, s.index - start)
+                s.done = True
+                done.append(s.event)
+        return done
 
     # -- reading ---------------------------------------------------------------------------
     def wait_for(self, pattern: str, timeout: float, since: int = 0,
@@ -230,7 +269,8 @@ class Console:
         c = self.crash
         lines = self.lines[max(0, c.index - EXCERPT_BEFORE):c.index + EXCERPT_AFTER]
         excerpt = "\n".join(ln.text for ln in lines)
-        return GuestCrash(self.level, f"{c.kind}: {c.line}", excerpt, str(self.log_path))
+        reason = c.line if c.line.startswith(c.kind) else f"{c.kind}: {c.line}"
+        return GuestCrash(self.level, reason, excerpt, str(self.log_path))
 
     def close(self) -> None:
         if self._sock is not None:

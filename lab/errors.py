@@ -66,12 +66,15 @@ class VMDied(LabError):
 
 
 class GuestCrash(LabError):
-    """A guest kernel printed a panic, BUG, Oops, WARNING or KASAN report."""
+    """A guest kernel printed a kernel event nobody expected (lab/events.py): a panic, BUG,
+    Oops, WARNING, KASAN report, lockup, ..."""
 
     kind = "crash"
 
     def __init__(self, level: str, reason: str, excerpt: str, log: str | None = None) -> None:
-        super().__init__(f"{level}: kernel crashed: {reason}", level=level, detail=excerpt)
+        # A WARNING is no crash, but it fails the run the same way unless expected.
+        what = "kernel warned" if reason.startswith("WARNING") else "kernel crashed"
+        super().__init__(f"{level}: {what}: {reason}", level=level, detail=excerpt)
         self.reason = reason
         self.excerpt = excerpt
         self.log = log

@@ -89,6 +89,19 @@ def testsuite(r: dict[str, Any]) -> ET.Element:
         ET.SubElement(case, "system-out").text = _clip(s["stdout"])
         if s["stderr"]:
             ET.SubElement(case, "system-err").text = _clip(s["stderr"])
+    # One testcase per kernel event: an unexpected one is an error wherever it happened.
+    for ev in r.get("events") or []:
+        d = ev.get("decoded") or {}
+        case = ET.SubElement(suite, "testcase", classname=f"{r['name']}.{ev['level']}.events",
+                             name=f"#{ev['seq']} {ev['kind']} "
+                                  f"{d.get('file_line') or ev.get('file_line') or ''}".strip(),
+                             time="0")
+        if not ev.get("expected"):
+            n_err += 1
+            ET.SubElement(case, "error", message=ev["summary"][:500]).text = ev.get("excerpt", "")
+        else:
+            ET.SubElement(case, "system-out").text = \
+                f"expected by {ev.get('expected_by')}: {ev['line']}"
     if r.get("error") is not None and not r["levels"] and not r["steps"]:
         case = ET.SubElement(suite, "testcase", classname=r["name"], name="lab")
         n_err += 1

@@ -1,4 +1,5 @@
-"""Out-of-tree kernel modules the lab builds for L0's own kernel (lab/guest/inject/*.c).
+"""Out-of-tree kernel modules the lab builds for its kernels (lab/guest/inject/*.c): the
+kprobe injection (lab_inject) and a WARNING on demand (lab_warn, for testing the alerts).
 
 Built on the host against the kernel's build directory (Debian's headers for a Debian kernel,
 the tree itself for a build tree; KernelSource.fetch_build_dir) and cached by the source, the

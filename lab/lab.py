@@ -2,14 +2,15 @@
 each child inside its parent (or restore them all, warm), watch every console, hold an SSH
 session to every level, arm the probes, run the steps, tear down; and the one Report of it.
 
-What each part is lives in its own module (machines/, probes/, steps.py, warm.py, symbols.py,
-inject.py, access.py); this module is where they meet, in order.
+What each part is lives in its own module (machines/, probes/, levels.py, steps.py, warm.py,
+watch.py, symbols.py, inject.py, access.py); this module is where they meet, in order.
 """
 
 from __future__ import annotations
 
 import contextlib
 import datetime
+import functools
 import logging
 import secrets
 import shutil
@@ -22,8 +23,9 @@ from pathlib import Path
 from typing import Any
 
 from lab import access, hostspeed, inject, procs, steps, warm
-from lab.console import Console
+from lab.decode import Symbols, decode
 from lab.errors import Aborted, LabError, UsageError, error_dict
+from lab.events import Event
 from lab.image import Builder, BuiltImage, load_recipe
 from lab.kernel import KernelSource
 from lab.keys import client_key
@@ -31,11 +33,12 @@ from lab.levels import PROGRESS_WINDOW, LevelState, checker, open_session, wait_
 from lab.machines import base as machines
 from lab.machines import nested
 from lab.machines.qemu import VMSpec
-from lab.playbook import Playbook
+from lab.playbook import Playbook, Step
 from lab.probes.rig import Rig
 from lab.profiles import Profile
 from lab.report import Report
 from lab.symbols import RunningKernel, debug_files, write_gdbinit
+from lab.watch import Watch
 
 log = logging.getLogger(__name__)
 
@@ -61,8 +64,8 @@ class Lab:
         self.registry = procs.Registry()
         # Unix socket paths are limited to 108 bytes: keep sockets in a short private dir.
         self.sock_dir = Path(tempfile.mkdtemp(prefix="s-", dir=procs.runtime_dir()))
-        self._crashed: Console | None = None
-        self._crash_lock = threading.Lock()
+        self.watch = Watch(self.pb, self.t0, on_event=self._on_event)
+        self._publish_lock = threading.Lock()  # console threads publish events too
         self.key_file, _ = client_key(cache)
         lab_id = f"{datetime.datetime.now():%Y%m%d-%H%M%S}-{secrets.token_hex(3)}"
         self.record = access.Record(
@@ -131,6 +134,7 @@ class Lab:
                          "detail": traceback.format_exc()}
         finally:
             self.teardown()
+            self.report_events()
             rep.phases["total"] = round(time.monotonic() - t0 + rep.phases.get("validate", 0),
                                         3)
             rep.logs = {p.name: p.name for p in sorted(self.run_dir.glob("*.log"))}
@@ -151,32 +155,40 @@ class Lab:
 
     def publish(self, status: str | None = None, registry: bool = True) -> None:
         """Write the lab's record as it is now (state.json, and the registry of labs)."""
-        r = self.record
-        if status is not None:
-            r.status = status
-        r.qemu_pid = self.vm.pid if self.vm else None
-        r.gdb_socket = self.vm.gdb_socket if self.vm else None
-        r.levels = {n: {"port": st.ssh_port, "via": st.level.parent,
-                        "host_key": st.image.host_key if st.image else None,
-                        "console_log": f"{n}.console.log", "timeline": st.timeline}
-                    for n, st in self.levels.items()}
-        r.write(self.registry if registry else None)
+        with self._publish_lock:
+            r = self.record
+            if status is not None:
+                r.status = status
+            r.qemu_pid = self.vm.pid if self.vm else None
+            r.gdb_socket = self.vm.gdb_socket if self.vm else None
+            states = self.watch.level_states(list(self.levels))
+            r.levels = {n: {"port": st.ssh_port, "via": st.level.parent,
+                            "host_key": st.image.host_key if st.image else None,
+                            "console_log": f"{n}.console.log", "timeline": st.timeline,
+                            "state": states[n]}
+                        for n, st in self.levels.items()}
+            r.events = self.watch.to_dicts()
+            # A lab that is down has no entry in the registry (an event's late publish
+            # must not bring one back).
+            live = registry and r.status not in ("down", "error")
+            r.write(self.registry if live else None)
 
     def now(self) -> float:
         return round(time.monotonic() - self.t0, 3)
 
     # -- failure detection -----------------------------------------------------------------
-    def _on_crash(self, console: Console) -> None:
-        with self._crash_lock:
-            if self._crashed is None:
-                self._crashed = console
-                log.error(f"{console.level}: kernel crash on the console: "
-                          f"{console.crash.line if console.crash else ''}")
+    def _on_event(self, ev: Event) -> None:
+        """A kernel event on some level's console: in the lab's record at once (on the
+        console's reader thread, which must go on reading whatever happens here)."""
+        try:
+            self.publish()
+        except Exception as e:
+            log.warning(f"recording kernel event #{ev.seq}: {e}")
 
     def check(self) -> None:
-        """Raise at once if a level crashed or L0's machine is gone."""
-        if self._crashed is not None:
-            raise self._crashed.crash_error()
+        """Raise at once if a level's kernel had an unexpected event or L0's machine is
+        gone."""
+        self.watch.raise_if_crashed()
         vm = self.vm
         if vm is None or vm.alive():
             return
@@ -184,9 +196,33 @@ class Lab:
         for st in self.levels.values():
             if st.console:
                 st.console.settle(quiet=0.5, limit=2.0)
-        if self._crashed is not None:
-            raise self._crashed.crash_error()
+        self.watch.raise_if_crashed()
         vm.check_alive()
+
+    def report_events(self, settled: float = 0.0) -> None:
+        """Every kernel event so far, completed and decoded, into the report (and record)."""
+        done = self.watch.complete(settled)
+        if done:
+            try:
+                self._decode(done)
+            except Exception as e:  # decoding is a help, never a failure of the run
+                log.warning(f"decoding kernel events: {e}")
+        self.report.events = self.watch.to_dicts()
+        if done:
+            with contextlib.suppress(OSError):
+                self.publish()
+
+    def _decode(self, evs: list[Event]) -> None:
+        release = _release(self.levels["l0"].image)
+        syms = Symbols(None, None, built_modules=self.cache / "kmod")
+        with contextlib.suppress(LabError):
+            files = self._l0_running_kernel().files
+            roots = [self.kernel_tree] if self.kernel_tree else []
+            roots += [self.cache / "kernel-source" / str(release)]
+            syms = Symbols(files.vmlinux, files.module_root, self.cache / "kmod", roots)
+        # A nested level runs L0's kernel (the same symbols) or its own (none held).
+        same = {n for n, st in self.levels.items() if _release(st.image) == release}
+        decode(evs, syms, only=lambda ev: ev.level in same or ev.module is not None)
 
     # -- build -----------------------------------------------------------------------------
     def build(self) -> None:
@@ -249,7 +285,7 @@ class Lab:
         """Start L0's machine and attach its consoles (incoming: CPUs held for a restore)."""
         st = self.levels["l0"]
         st.timeline["launch"] = self.now()
-        self.vm, st.ssh_port = machines.launch(self.l0_request(incoming), self._on_crash)
+        self.vm, st.ssh_port = machines.launch(self.l0_request(incoming), self.watch.watch)
         self.publish()
         self.report.levels["l0"].update(self.vm.describe())
         for n in self.levels:
@@ -324,7 +360,7 @@ class Lab:
         for st in self.levels.values():
             st.console, st.timeline, st.ssh_port = None, {}, 0
             self.report.levels[st.level.name].pop("restored", None)
-        self._crashed = None
+        self.watch.forget()
 
     def _write_access(self) -> None:
         levels = [access.LevelAccess(n, st.ssh_port, st.level.parent, st.image.host_key)
@@ -375,9 +411,20 @@ class Lab:
         for i, step in enumerate(self.pb.steps, 1):
             ssh = self.levels[step.on].ssh
             assert ssh is not None
-            steps.run(step, i, ssh, steps_dir, self.speed.factor, self.check,
-                      into=self.report.steps)
+            self.watch.step = step  # its expected events are expected while it runs
+            try:
+                steps.run(step, i, ssh, steps_dir, self.speed.factor, self.check,
+                          into=self.report.steps,
+                          missing_events=functools.partial(self._missing, step))
+            finally:
+                self.watch.step = None
             self.check()
+
+    def _missing(self, step: Step) -> list[str]:
+        if not step.expect_events:
+            return []
+        self.watch.settle()  # a report still on its way up from a nested level
+        return [e.describe() for e in self.watch.missing(step)]
 
     # -- teardown --------------------------------------------------------------------------
     def teardown(self) -> None:
@@ -397,3 +444,9 @@ class Lab:
                 self.publish("down", registry=False)
         shutil.rmtree(self.sock_dir, ignore_errors=True)
         self.registry.remove(self.id)
+
+
+def _release(image: BuiltImage | None) -> str | None:
+    """The kernel release an image boots."""
+    k = image.manifest.get("kernel") if image else None
+    return str(k.get("release")) if isinstance(k, dict) else None

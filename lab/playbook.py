@@ -14,6 +14,7 @@ from typing import Any
 
 from lab import schema
 from lab.errors import UsageError
+from lab.events import KINDS, Expected
 from lab.inject import NAMES as INJECTION_NAMES
 from lab.probes.spec import PROBE_SPEC, load_probes
 from lab.profiles import PROFILES, Profile
@@ -42,6 +43,14 @@ LEVEL_SPEC = schema.Map({
     "kaslr": schema.Field(schema.Bool(), default=False),
 })
 
+# A kernel event (lab/events.py) the playbook, or a step, says will come: it is recorded and
+# reported but does not fail the run. A step's must come while it runs, or the step fails.
+EXPECTED_EVENT_SPEC = schema.Map({
+    "kind": schema.Field(schema.Str(choices=KINDS), required=True),
+    "level": schema.Field(schema.Str(choices=LEVELS), default=None),
+    "match": schema.Field(schema.Str(max_len=200), default=""),
+})
+
 STEP_SPEC = schema.Map({
     "name": schema.Field(schema.Str(max_len=200)),
     "on": schema.Field(schema.Str(choices=LEVELS), default="l0"),
@@ -50,6 +59,7 @@ STEP_SPEC = schema.Map({
     "expect": schema.Field(schema.Int(minimum=0, maximum=255), default=0),
     "timeout": schema.Field(schema.Int(minimum=1), default=120),
     "tap": schema.Field(schema.Bool(), default=False),
+    "expect_events": schema.Field(schema.List(EXPECTED_EVENT_SPEC), default=None),
 })
 
 PLAYBOOK_SPEC = schema.Map({
@@ -66,6 +76,7 @@ PLAYBOOK_SPEC = schema.Map({
     "extends": schema.Field(schema.Str(), default=None),
     # auto: restore a saved lab of this topology if there is one, else boot and save one.
     "snapshot": schema.Field(schema.Str(choices=("auto", "off")), default="auto"),
+    "expect_events": schema.Field(schema.List(EXPECTED_EVENT_SPEC), default=None),
 })
 
 DEFAULT_MEMORY = {"l0": 1024, "l1": 1024, "l2": 256}
@@ -101,6 +112,7 @@ class Step:
     timeout: int
     line: int
     tap: bool = False
+    expect_events: list[Expected] = field(default_factory=list)  # must come while it runs
 
 
 @dataclass
@@ -116,6 +128,7 @@ class Playbook:
     probe_backend: str | None = None  # None: decided by the profile (see for_profile)
     snapshot: str = "auto"  # "auto" | "off": warm start from a saved lab (lab/snapshot.py)
     lines: dict[str, int] = field(default_factory=dict)  # top-level field -> line, for errors
+    expect_events: list[Expected] = field(default_factory=list)  # may come, at any time
 
     def for_profile(self, profile: Profile) -> Playbook:
         """This playbook as it runs under `profile`: L0's image and the probe backend where
@@ -254,11 +267,23 @@ def load(path: Path) -> Playbook:
                              f"the topology (expected one of {', '.join(levels)})")
         steps.append(Step(name=st["name"] or f"step {i + 1}", on=st["on"], run=st["run"],
                           expect=st["expect"], timeout=st["timeout"], line=st.line,
-                          tap=st["tap"]))
+                          tap=st["tap"],
+                          expect_events=_expected(st["expect_events"], levels, f"steps[{i}]")))
     probes = list(data["probes"] or [])
     load_probes(probes, "amd")  # validates; the lab expands the sets for the real vendor
     return Playbook(path=path, name=data["name"] or path.stem, description=data["description"],
                     profile=data["profile"], levels=levels, steps=steps, probes=probes,
                     inject=data["inject"], probe_backend=data["probe_backend"],
-                    snapshot=data["snapshot"],
-                    lines=dict(data.lines))
+                    snapshot=data["snapshot"], lines=dict(data.lines),
+                    expect_events=_expected(data["expect_events"], levels, ""))
+
+
+def _expected(items: list[Any] | None, levels: dict[str, Level], where: str) -> list[Expected]:
+    out = []
+    for i, e in enumerate(items or []):
+        if e["level"] is not None and e["level"] not in levels:
+            raise UsageError(f"{e.where('level')}: {where + '.' if where else ''}expect_events[{i}]"
+                             f".level: level {e['level']} is not in the topology (expected one "
+                             f"of {', '.join(levels)})")
+        out.append(Expected(e["kind"], e["level"], e["match"]))
+    return out

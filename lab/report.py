@@ -54,6 +54,8 @@ class Report:
     # restoring took}; and how fast this host runs next to the reference (lab/hostspeed.py).
     boot: dict[str, Any] = field(default_factory=dict)
     host_speed: dict[str, Any] = field(default_factory=dict)
+    # Every kernel event on every level's console (lab/events.py), expected or not.
+    events: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def exit_status(self) -> int:
@@ -66,6 +68,14 @@ class Report:
         return EXIT_INFRA
 
     def finish(self) -> None:
+        unexpected = [e for e in self.events if not e.get("expected")]
+        if unexpected and self.error is None:
+            # A kernel that WARNed (or worse) where nobody said it would: never a pass.
+            first = unexpected[0]
+            more = f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else ""
+            self.error = {"kind": "kernel-event", "level": first["level"], "exit_status": 3,
+                          "message": f"{first['level']}: kernel event: {first['summary']}"
+                                     f"{more}", "detail": first.get("excerpt", "")}
         if self.error is not None or any(s.status == "error" for s in self.steps):
             self.status = "error"
         elif any(s.status == "failed" for s in self.steps):

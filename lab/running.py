@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import logging
 import os
 import signal
@@ -18,7 +19,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from lab import access, playbook, procs, suite
+from lab import access, alerts, playbook, procs, suite
 from lab.deadline import wait_until
 from lab.driver import new_run_dir
 from lab.errors import EXIT_INFRA, CommandTimeout, LabError, SSHError, UsageError
@@ -41,12 +42,15 @@ def serve_until_stopped(lab: Lab) -> None:
     log.info(f"lab {lab.id} is up; `lab down --run {lab.run_dir}` stops it")
     while True:
         time.sleep(0.5)
+        lab.report_events(settled=2.0)  # reports that have arrived: completed and decoded
         if lab.rig.gdbstub_released():
             log.info("probes finished and detached; `lab gdb` can attach")
         try:
             lab.check()
         except LabError as e:
             # Keep the lab for a person to look at (gdb, consoles); say so in its record.
+            # Each kernel event is in the record already (and its alert comes with the next
+            # command a person runs on the lab).
             if lab.record.problem is None:
                 lab.record.problem = str(e).splitlines()[0]
                 lab.publish()
@@ -125,6 +129,7 @@ def up(args: argparse.Namespace) -> int:
 def gdb(args: argparse.Namespace) -> int:
     run_dir = access.find_run(args.run)
     st = access.read_state(run_dir)
+    alerts.tell(run_dir, st)
     if st.get("status") not in ("up", "held", "booting"):
         raise UsageError(f"{run_dir}: the lab is {st.get('status')}, not up")
     if st.get("gdbstub_owner") == "probes" and st.get("held"):
@@ -172,12 +177,17 @@ def down(args: argparse.Namespace) -> int:
 # -- reaching a running lab ------------------------------------------------------------------
 def _sessions(run_dir: Path, level: str) -> list[SSHSession]:
     st = access.read_state(run_dir)
+    alerts.tell(run_dir, st)
     if st.get("status") not in ("up", "booting"):
         raise UsageError(f"{run_dir}: the lab is {st.get('status')}, not up")
     levels = st["levels"]
     if level not in levels:
         raise UsageError(f"level {level!r} is not in this lab (expected one of "
                          f"{', '.join(levels)})")
+    dead = alerts.crashed(st, level)
+    if dead:
+        raise SSHError(f"{dead}; see {run_dir}/{level}.console.log and `lab status`",
+                       level=level)
     chain = []
     name: str | None = level
     while name:
@@ -217,6 +227,19 @@ def ssh(args: argparse.Namespace) -> int:
     return int(r.exit_status)
 
 
+def status(args: argparse.Namespace) -> int:
+    """`lab status`: the lab's levels and every kernel event so far (alerts first)."""
+    run_dir = access.find_run(args.run)
+    st = access.read_state(run_dir)
+    if args.json:
+        print(json.dumps({k: st.get(k) for k in ("id", "status", "playbook", "profile",
+                                                 "problem", "levels", "events")}, indent=1))
+        return 0
+    alerts.tell(run_dir, st)
+    print(alerts.status_text(run_dir, st))
+    return 0
+
+
 def cp(args: argparse.Namespace) -> int:
     run_dir = access.find_run(args.run)
     src, dst = args.src, args.dst
@@ -231,7 +254,11 @@ def cp(args: argparse.Namespace) -> int:
     remote_end = rs or rd
     assert remote_end is not None
     level = remote_end[0]
-    sessions = _sessions(run_dir, level)
+    try:
+        sessions = _sessions(run_dir, level)
+    except SSHError as e:
+        print(f"lab: error: {e}", file=sys.stderr)
+        return EXIT_SSH
     try:
         s = sessions[-1]
         if rd:

@@ -32,8 +32,10 @@ class Verdict:
     cases: list[dict[str, Any]] = field(default_factory=list)  # TAP cases, if any
 
 
-def verdict(step: Step, exit_status: int, stdout: str) -> Verdict:
-    """Passed when the exit status is the one expected and, for a TAP step, every case is."""
+def verdict(step: Step, exit_status: int, stdout: str,
+            missing_events: list[str] | None = None) -> Verdict:
+    """Passed when the exit status is the one expected, for a TAP step every case is, and
+    every kernel event the step expected came (`missing_events`: those that did not)."""
     v = Verdict("passed")
     if step.tap:
         parsed = tap.parse(stdout)
@@ -44,13 +46,19 @@ def verdict(step: Step, exit_status: int, stdout: str) -> Verdict:
             v.status, v.message = "failed", parsed.problems()
     if v.status == "passed" and exit_status != step.expect:
         v.status, v.message = "failed", f"exit status {exit_status}, expected {step.expect}"
+    if v.status == "passed" and missing_events:
+        v.status = "failed"
+        v.message = f"expected kernel event(s) did not come: {'; '.join(missing_events)}"
     return v
 
 
 def run(step: Step, index: int, ssh: SSHSession, steps_dir: Path, speed_factor: float,
-        check: Callable[[], None], into: list[StepResult]) -> StepResult:
+        check: Callable[[], None], into: list[StepResult],
+        missing_events: Callable[[], list[str]] = lambda: []) -> StepResult:
     """Run one step and judge it; its result goes `into` the list before it runs, so that a
-    LabError (SSH gone, a level crashed, the timeout) leaves it there, as an error."""
+    LabError (SSH gone, a level crashed, the timeout) leaves it there, as an error.
+    `missing_events()`, once the command ended: the expected kernel events that did not
+    come."""
     log.info(f"[{step.on}] {step.name}: {step.run.strip().splitlines()[0]}")
     # The step's timeout was written for the reference host: scaled to this one.
     timeout = round(step.timeout * speed_factor, 1)
@@ -73,7 +81,7 @@ def run(step: Step, index: int, ssh: SSHSession, steps_dir: Path, speed_factor: 
     res.exit_status, res.stdout, res.stderr = r.exit_status, r.stdout, r.stderr
     res.stdout_bytes, res.stderr_bytes = r.stdout_bytes, r.stderr_bytes
     res.seconds = round(r.seconds, 3)
-    v = verdict(step, r.exit_status, r.stdout)
+    v = verdict(step, r.exit_status, r.stdout, missing_events())
     res.status, res.message, res.cases = v.status, v.message, v.cases
     if res.status == "failed":
         log.info(f"  FAILED: {res.message}\n{_indent(r.stdout + r.stderr)}")

@@ -1,6 +1,6 @@
 """What the lab asks of whatever runs L0 on the host, and what every level's kernel is told.
 
-An L0 runner is one module with a `create(request, ssh_port, on_crash)` function returning an
+An L0 runner is one module with a `create(request, ssh_port, watch)` function returning an
 unstarted `Machine`; a profile names its runner (`Profile.machine`) and `runner()` finds it.
 The lab knows machines only through this protocol: a new L0 runner is one file here and one
 line in RUNNERS.
@@ -64,6 +64,7 @@ class Machine(Protocol):
     def describe(self) -> dict[str, Any]: ...  # what L0's entry in the report adds
 
 
+# create(request, ssh_port, watch): `watch` sees each console before anything is read from it
 Runner = Callable[[L0Request, int, Callable[[Console], None] | None], Machine]
 
 
@@ -86,12 +87,12 @@ def free_port() -> int:
 
 
 def launch(req: L0Request,
-           on_crash: Callable[[Console], None] | None) -> tuple[Machine, int]:
+           watch: Callable[[Console], None] | None) -> tuple[Machine, int]:
     """Start L0 on a fresh SSH port; (the machine, its port)."""
     create = runner(req.profile)
     for attempt in range(LAUNCH_ATTEMPTS):
         port = free_port()
-        vm = create(req, port, on_crash)
+        vm = create(req, port, watch)
         try:
             vm.start()
             return vm, port

@@ -107,7 +107,7 @@ def boot_iso(spec: BochsSpec, cache: Path) -> tuple[Path, str]:
 
 
 def create(req: L0Request, ssh_port: int,
-           on_crash: Callable[[Console], None] | None = None) -> BochsVM:
+           watch: Callable[[Console], None] | None = None) -> BochsVM:
     if "e1000" not in req.image_modules:
         # A build tree may have it built in; a Debian cloud kernel has not.
         log.warning("l0: its image has no e1000 module: unless the kernel has it built in, "
@@ -119,7 +119,7 @@ def create(req: L0Request, ssh_port: int,
         # COM1 is L0's own console; COM2 and COM3 relay L1's and L2's, as under QEMU.
         serials={n: free_port() for n in req.consoles},
         pvh=not req.level.kaslr)  # KASLR is the bzImage decompressor's work
-    return BochsVM(spec, req.run_dir, req.sock_dir, req.cache, on_crash=on_crash)
+    return BochsVM(spec, req.run_dir, req.sock_dir, req.cache, watch=watch)
 
 
 class BochsVM:
@@ -128,13 +128,13 @@ class BochsVM:
     gdb_socket = None  # Bochs's own debugger is not a gdbstub (see the module's docstring)
 
     def __init__(self, spec: BochsSpec, run_dir: Path, work_dir: Path, cache: Path, *,
-                 on_crash: Callable[[Console], None] | None = None) -> None:
+                 watch: Callable[[Console], None] | None = None) -> None:
         self.spec = spec
         self.boot = ""  # "pvh" or "bzImage", once started
         self.run_dir = run_dir
         self.work_dir = work_dir  # private: bochsrc, slirp.conf (the registry finds us by it)
         self.cache = cache
-        self.on_crash = on_crash
+        self.watch = watch  # sees each console before it is read
         self.proc: subprocess.Popen[bytes] | None = None
         self.consoles: dict[str, Console] = {}
         self.output_path = run_dir / f"{spec.level}.bochs.log"  # stdout and stderr
@@ -176,8 +176,8 @@ class BochsVM:
         deadline = time.monotonic() + timeout
         for carries, port in self.spec.serials.items():
             con = Console(carries, self.run_dir / f"{carries}.console.log")
-            if self.on_crash:
-                con.on_crash(self.on_crash)
+            if self.watch:
+                self.watch(con)
             self.consoles[carries] = con
             try:
                 con.attach_tcp("127.0.0.1", port, deadline, alive=self._launch_check)

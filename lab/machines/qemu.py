@@ -121,22 +121,22 @@ def l0_spec(req: L0Request, ssh_port: int) -> VMSpec:
 
 
 def create(req: L0Request, ssh_port: int,
-           on_crash: Callable[[Console], None] | None = None) -> QemuVM:
-    return QemuVM(l0_spec(req, ssh_port), req.run_dir, on_crash=on_crash)
+           watch: Callable[[Console], None] | None = None) -> QemuVM:
+    return QemuVM(l0_spec(req, ssh_port), req.run_dir, watch=watch)
 
 
 class QemuVM:
     """L0: a QEMU process on the host."""
 
     def __init__(self, spec: VMSpec, run_dir: Path, *,
-                 on_crash: Callable[[Console], None] | None = None,
+                 watch: Callable[[Console], None] | None = None,
                  powerdown_timeout: float = 2.0) -> None:
         self.spec = spec
         self.run_dir = run_dir
         self.proc: subprocess.Popen[bytes] | None = None
         self.qmp: QMP | None = None
         self.consoles: dict[str, Console] = {}
-        self.on_crash = on_crash
+        self.watch = watch  # sees each console before it is read
         self.powerdown_timeout = powerdown_timeout
         self.stderr_path = run_dir / f"{spec.level}.qemu.log"
         self.command = build_command(spec)
@@ -187,8 +187,8 @@ class QemuVM:
             if s.kind != "unix":
                 continue
             con = Console(s.carries, self.run_dir / f"{s.carries}.console.log")
-            if self.on_crash:
-                con.on_crash(self.on_crash)
+            if self.watch:
+                self.watch(con)
             con.attach_unix(s.path, deadline)
             self.consoles[s.carries] = con
         if not (self.spec.hold or self.spec.incoming):

@@ -9,8 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from lab.console import Console, classify
+from lab.console import Console
 from lab.errors import GuestCrash, VMDied
+from lab.events import detect as classify
 
 PANIC = """\
 [   12.001] sysrq: Trigger a crash
@@ -70,7 +71,7 @@ def test_waits_for_marker_and_logs_everything(tmp_path: Path) -> None:
 def test_crash_fails_fast_with_excerpt(tmp_path: Path) -> None:
     con, peer = _console(tmp_path)
     seen: list[str] = []
-    con.on_crash(lambda c: seen.append(c.level))
+    con.on_event(lambda c, ev: seen.append(c.level))
     t0 = time.monotonic()
     peer.sendall(b"booting\n" + PANIC.encode())
     with pytest.raises(GuestCrash) as e:
