@@ -84,6 +84,57 @@ def cmd_images_build(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_ci_gitlab(args: argparse.Namespace) -> int:
+    from lab import ci, matrix
+
+    kernels = matrix.parse_kernels(args.kernels)
+    profiles = matrix.parse_profiles(args.profiles)
+    _, cells, left_out = matrix.cells(Path(args.suite), profiles, kernels)
+    if not cells:
+        raise UsageError(f"{args.suite}: no cell can run (" + "; ".join(left_out) + ")")
+    text = ci.gitlab(Path(args.suite), cells, left_out, profiles, kernels, args.cache)
+    if args.output:
+        Path(args.output).write_text(text)
+        print(f"{args.output}: {len(cells)} cells", file=sys.stderr)
+    else:
+        sys.stdout.write(text)
+    for why in left_out:
+        log.warning(f"left out: {why}")
+    return 0
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    from lab import matrix, merge
+
+    kernels = matrix.parse_kernels(args.kernels)
+    s, cells, _ = matrix.cells(Path(args.suite), matrix.parse_profiles(args.profiles), kernels)
+    merged = merge.match(cells, kernels, [Path(d) for d in args.run_dirs])
+    summ = merge.summary(s.name, Path(args.suite), merged, kernels)
+    merge.write(Path(args.out), summ, merged, s.name)
+    missing = [m.cell.key for m in merged if m.report is None]
+    if missing:
+        print(f"lab: error: no run for {len(missing)} cell(s): {', '.join(missing)}",
+              file=sys.stderr)
+    for c in summ["cells"]:
+        print(f"  {'met ' if c['met'] else 'NOT '} {c['key']}: {c['why']}")
+    print(f"{s.name}: {summ['status'].upper()} (exit {summ['exit_status']}); "
+          f"{args.out}/report.html, {args.out}/junit.xml")
+    return int(summ["exit_status"])
+
+
+def cmd_kcidb(args: argparse.Namespace) -> int:
+    from lab import kcidb, merge
+
+    runs = [(Path(d), merge.read_run(Path(d))) for d in args.run_dirs]
+    data = kcidb.convert(runs, args.origin, args.log_url_base)
+    text = json.dumps(data, indent=1) + "\n"
+    if args.output:
+        Path(args.output).write_text(text)
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     _install_signal_handlers()
     return driver.run(Path(args.playbook), args.out, args.profile, args.kernel_tree, args.cold)
@@ -164,6 +215,33 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("gdb_args", nargs=argparse.REMAINDER, help="more arguments for gdb")
     g.set_defaults(func=running.gdb)
 
+    ci = sub.add_parser("ci", help="a suite's matrix as a CI pipeline")
+    cisub = ci.add_subparsers(dest="ci_cmd", required=True, metavar="ENGINE")
+    gl = cisub.add_parser("gitlab", help="a GitLab CI child pipeline: a job per cell, then "
+                                         "`lab merge`")
+    gl.add_argument("suite", help="a suite (or a playbook)")
+    _matrix_args(gl)
+    gl.add_argument("--cache", default="/var/cache/lab",
+                    help="LAB_CACHE on the runners (default /var/cache/lab)")
+    gl.add_argument("-o", "--output", help="write the pipeline here (default: standard output)")
+    gl.set_defaults(func=cmd_ci_gitlab)
+
+    mg = sub.add_parser("merge", help="one report of a suite's cells run anywhere")
+    mg.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
+    mg.add_argument("--suite", required=True, help="the suite the cells are of")
+    _matrix_args(mg)
+    mg.add_argument("--out", required=True, help="where the merged report goes")
+    mg.set_defaults(func=cmd_merge)
+
+    kc = sub.add_parser("kcidb", help="run directories as KCIDB I/O JSON (for kcidb-submit)")
+    kc.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
+    kc.add_argument("--origin", default="kvm_nested_lab",
+                    help="the CI system's KCIDB origin (default kvm_nested_lab)")
+    kc.add_argument("--log-url-base", help="URL under which each RUN_DIR's files are published "
+                                           "(default: file:// URLs of this host)")
+    kc.add_argument("-o", "--output", help="write here (default: standard output)")
+    kc.set_defaults(func=cmd_kcidb)
+
     st = sub.add_parser("status", help="a lab's levels and every kernel event so far")
     st.add_argument("--run", help="run directory (default: the most recent lab that is up)")
     st.add_argument("--json", action="store_true", help="print one JSON object")
@@ -173,6 +251,13 @@ def build_parser() -> argparse.ArgumentParser:
     dn.add_argument("--run", help="run directory (default: the most recent lab that is up)")
     dn.set_defaults(func=running.down)
     return p
+
+
+def _matrix_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--profiles", help="profiles, comma-separated (default: each playbook's own; "
+                                      "tcg-svm for those that leave it to the host)")
+    p.add_argument("--kernels", help="kernels, comma-separated: `debian` (the recipes') or "
+                                     "NAME=PATH of a build tree (default: debian)")
 
 
 def main(argv: list[str] | None = None) -> int:

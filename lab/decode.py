@@ -110,6 +110,12 @@ def decode(events: list[Event], syms: Symbols,
                 continue
             path, line = found
             rel = path[2:] if path.startswith("./") else path
+            # The source line of the place the kernel named (a WARN's own line), else of the
+            # innermost inlined line gdb found for the address.
+            src_path, src_line = path, line
+            if ev.file_line:
+                p, _, n = ev.file_line.rpartition(":")
+                src_path, src_line = p, int(n)
             ev.decoded = {"object": obj.name, "file_line": f"{rel}:{line}",
                           "function": (ev.function or "").split("+")[0],
-                          "source": _source_line(path, line, obj, syms.source_roots)}
+                          "source": _source_line(src_path, src_line, obj, syms.source_roots)}

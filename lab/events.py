@@ -77,7 +77,7 @@ class Event:
     def summary(self) -> str:
         """One line: what it is and where, as decoded as the lab could."""
         d = self.decoded or {}
-        where = d.get("file_line") or self.file_line
+        where = self.file_line or d.get("file_line")  # the WARN's own line first
         short = where.rsplit("/", 1)[-1] if where else None
         func = (self.function or "").split("+")[0] or None
         parts = [f"{self.module}:" if self.module else None, short,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -55,4 +56,20 @@ def write_suite(summary: dict[str, Any], run_dir: Path) -> Path:
             else f"file://{d}/report.html"
     out = run_dir / "report.html"
     out.write_text(_env.get_template("suite.html.j2").render(s=s))
+    return out
+
+
+def write_matrix(summary: dict[str, Any], out_dir: Path) -> Path:
+    """The merged report of a suite's matrix (lab/merge.py): rows playbook and case, columns
+    kernel x profile."""
+    rows: dict[str, dict[str, Any]] = {}
+    for c in summary["cells"]:
+        row = rows.setdefault(c["playbook"], {"name": c["playbook"], "cells": {}, "cases": []})
+        d = Path(c["run_dir"]) if c["run_dir"] else None
+        link = f"{os.path.relpath(d, out_dir)}/report.html" if d is not None else ""
+        row["cells"][(c["kernel"], c["profile"])] = _wrap({**c, "link": link})
+        row["cases"] += [k for k in c["cases"] if k not in row["cases"]]
+    out = out_dir / "report.html"
+    out.write_text(_env.get_template("matrix.html.j2").render(s=_wrap(summary),
+                                                               rows=list(rows.values())))
     return out

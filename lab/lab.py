@@ -73,6 +73,7 @@ class Lab:
             key_file=str(self.key_file), playbook=str(self.pb.path), profile=profile.name)
         self.report = Report(playbook=str(playbook.path), name=playbook.name,
                              run_dir=str(run_dir), profile=profile.name,
+                             kernel_tree=str(kernel_tree) if kernel_tree else None,
                              started=datetime.datetime.now().isoformat(timespec="seconds"))
         # Timeouts follow this host's speed: what earlier runs measured, until L0 boots.
         self.speed = hostspeed.load(cache, profile.name, profile.reference_l0_init_s)

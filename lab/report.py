@@ -37,6 +37,7 @@ class Report:
     run_dir: str
     status: str = "error"  # passed | failed | error
     profile: str | None = None
+    kernel_tree: str | None = None  # L0 booted from this build tree (None: the recipe's)
     started: str = ""
     phases: dict[str, float] = field(default_factory=dict)
     levels: dict[str, dict[str, Any]] = field(default_factory=dict)

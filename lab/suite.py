@@ -87,39 +87,44 @@ def outcome(expect: str, report: dict[str, Any]) -> tuple[bool, str]:
     return False, f"expected to fail, but {status}"
 
 
+def judged_testsuite(suite_name: str, expect: str, rep: dict[str, Any],
+                     axis: str = "") -> ET.Element:
+    """A run's own testsuite (lab/junit.py, from its report), judged against what the suite
+    expects of it; `axis` ("KERNEL.PROFILE.") leads every classname in a matrix."""
+    sub = junit.testsuite(rep)
+    if expect == "failed":
+        # Failing cases are the point of this run: report them as passed (caught), and a
+        # case that did not fail as skipped (it cannot see the injected bug).
+        for tc in sub.findall("testcase"):
+            f = tc.find("failure")
+            if f is not None:
+                tc.remove(f)
+                ET.SubElement(tc, "system-out").text = \
+                    f"expected failure (caught): {f.get('message', '')}"
+            elif tc.find("error") is None and tc.find("skipped") is None and \
+                    tc.get("classname", "").split(".")[-1] not in ("boot", "events"):
+                ET.SubElement(tc, "skipped", message="passed although the bug was "
+                                                     "injected: this case does not catch it")
+        sub.set("failures", "0")
+    met, why = outcome(expect, rep)
+    tc = ET.SubElement(sub, "testcase", classname=f"{suite_name}.expectations",
+                       name=f"{rep.get('name', '?')} {expect}")
+    if not met:
+        ET.SubElement(tc, "failure", message=why)
+        sub.set("failures", str(int(sub.get("failures", "0")) + 1))
+    else:
+        ET.SubElement(tc, "system-out").text = why
+    if axis:
+        for case in sub.findall("testcase"):
+            case.set("classname", axis + case.get("classname", ""))
+    sub.set("tests", str(len(sub.findall("testcase"))))
+    sub.set("skipped", str(len(sub.findall("testcase/skipped"))))
+    return sub
+
+
 def junit_suites(suite: Suite,
                  runs: list[tuple[Entry, Path, dict[str, Any]]]) -> list[ET.Element]:
-    """Each run's own testsuite (lab/junit.py, from its report), judged against what the
-    suite expects of it."""
-    out = []
-    for entry, _run_dir, rep in runs:
-        sub = junit.testsuite(rep)
-        if entry.expect == "failed":
-            # Failing cases are the point of this run: report them as passed (caught), and a
-            # case that did not fail as skipped (it cannot see the injected bug).
-            for tc in sub.findall("testcase"):
-                f = tc.find("failure")
-                if f is not None:
-                    tc.remove(f)
-                    ET.SubElement(tc, "system-out").text = \
-                        f"expected failure (caught): {f.get('message', '')}"
-                elif tc.find("error") is None and tc.find("skipped") is None and \
-                        tc.get("classname", "").split(".")[-1] != "boot":
-                    ET.SubElement(tc, "skipped", message="passed although the bug was "
-                                                         "injected: this case does not catch it")
-            sub.set("failures", "0")
-        met, why = outcome(entry.expect, rep)
-        tc = ET.SubElement(sub, "testcase", classname=f"{suite.name}.expectations",
-                           name=f"{rep.get('name', entry.playbook.stem)} {entry.expect}")
-        if not met:
-            ET.SubElement(tc, "failure", message=why)
-            sub.set("failures", str(int(sub.get("failures", "0")) + 1))
-        else:
-            ET.SubElement(tc, "system-out").text = why
-        sub.set("tests", str(len(sub.findall("testcase"))))
-        sub.set("skipped", str(len(sub.findall("testcase/skipped"))))
-        out.append(sub)
-    return out
+    return [judged_testsuite(suite.name, e.expect, rep) for e, _, rep in runs]
 
 
 def exit_status(results: list[tuple[Entry, dict[str, Any]]]) -> int:

@@ -1,0 +1,125 @@
+"""A suite as a matrix: each of its playbooks under each profile and each kernel, one cell per
+combination, with the suite's expectation of it. The CI writers (lab/ci.py) make a job of each
+cell; `lab merge` (lab/merge.py) reads the cells' run directories back against the same matrix.
+
+The kernel axis: `debian` (what the playbooks' image recipes say) or NAME=PATH, a kernel build
+tree booted as L0 (`lab run --kernel-tree PATH`).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from lab import playbook, suite
+from lab.errors import UsageError
+from lab.profiles import PROFILES, get_profile
+
+DEBIAN = "debian"
+# Playbooks that leave the profile to the host (`auto`) run under this one when the matrix
+# names none: it runs on any x86 host.
+DEFAULT_PROFILE = "tcg-svm"
+_LABEL = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,39}$")
+
+
+@dataclass(frozen=True)
+class Kernel:
+    label: str
+    tree: Path | None = None  # None: the recipes' Debian kernel
+
+
+@dataclass(frozen=True)
+class Cell:
+    playbook: Path
+    name: str  # the playbook's name
+    profile: str
+    kernel: Kernel
+    expect: str  # passed | failed
+
+    @property
+    def key(self) -> str:
+        """The cell's coordinates as one name (a CI job's, a run directory's)."""
+        return f"{self.name}.{self.profile}.{self.kernel.label}"
+
+    def run_args(self) -> list[str]:
+        args = ["--profile", self.profile]
+        if self.kernel.tree is not None:
+            args += ["--kernel-tree", str(self.kernel.tree)]
+        return args
+
+
+def parse_kernels(spec: str | None) -> list[Kernel]:
+    """`debian,mytree=/src/linux` -> the kernel axis (default: debian alone)."""
+    if not spec:
+        return [Kernel(DEBIAN)]
+    out: list[Kernel] = []
+    for item in spec.split(","):
+        item = item.strip()
+        if item == DEBIAN:
+            out.append(Kernel(DEBIAN))
+            continue
+        label, sep, path = item.partition("=")
+        if not sep or not _LABEL.match(label) or label == DEBIAN:
+            raise UsageError(f"--kernels: {item!r}: expected `debian` or NAME=PATH (NAME of "
+                             "lowercase letters, digits, '.', '_', '-')")
+        tree = Path(path).expanduser().resolve()
+        if not tree.is_dir():
+            raise UsageError(f"--kernels: {label}={path}: not a directory")
+        out.append(Kernel(label, tree))
+    labels = [k.label for k in out]
+    if len(set(labels)) != len(labels):
+        raise UsageError(f"--kernels: a kernel named twice ({', '.join(labels)})")
+    return out
+
+
+def parse_profiles(spec: str | None) -> list[str] | None:
+    if not spec:
+        return None
+    names = [p.strip() for p in spec.split(",") if p.strip()]
+    for n in names:
+        if n not in PROFILES:
+            raise UsageError(f"--profiles: {n!r}: expected one of {', '.join(PROFILES)}")
+    return names
+
+
+def cells(suite_path: Path, profiles: list[str] | None,
+          kernels: list[Kernel]) -> tuple[suite.Suite, list[Cell], list[str]]:
+    """The suite's cells, and why any combination was left out (a playbook that cannot run
+    under a profile says so when it is validated for it)."""
+    s = suite.load(suite_path) if suite.is_suite(suite_path) else _single(suite_path)
+    out: list[Cell] = []
+    left_out: list[str] = []
+    for entry in s.entries:
+        pb = playbook.load(entry.playbook)
+        names = profiles or [DEFAULT_PROFILE if pb.profile == "auto" else pb.profile]
+        for prof in names:
+            try:
+                pb.for_profile(get_profile(prof))
+            except UsageError as e:
+                left_out.append(f"{pb.name} under {prof}: {str(e).splitlines()[0]}")
+                continue
+            for k in kernels:
+                out.append(Cell(entry.playbook, pb.name, prof, k, entry.expect))
+    keys = [c.key for c in out]
+    dup = sorted({k for k in keys if keys.count(k) > 1})
+    if dup:
+        raise UsageError(f"{suite_path}: two cells would have the same coordinates: "
+                         f"{', '.join(dup)} (two playbooks of one name)")
+    return s, out, left_out
+
+
+def _single(path: Path) -> suite.Suite:
+    """A playbook on its own is a suite of one."""
+    pb = playbook.load(path)
+    return suite.Suite(path, pb.name, pb.description, [suite.Entry(path.resolve(), "passed")])
+
+
+def budget_minutes(cell: Cell) -> int:
+    """How long a cell's job may take: its playbook's own boot and step timeouts under its
+    profile, with room for building images on a fresh runner and for a slow host (the lab
+    scales its own timeouts by the host's speed, up to 8x)."""
+    pb = playbook.load(cell.playbook).for_profile(get_profile(cell.profile))
+    seconds = sum(lv.boot_timeout for lv in pb.levels.values())
+    seconds += sum(st.timeout for st in pb.steps) + 600  # images, probes, teardown
+    return max(15, -(-seconds * 2 // 60))
