@@ -129,7 +129,7 @@ def run_suite(path: Path, out: str | None, profile_name: str | None, tree_arg: s
             break
     code = suite.write(s, run_dir, runs, time.monotonic() - t0)
     for entry, _, r in runs:
-        met, why = suite.outcome(entry.expect, r)
+        met, why = entry.outcome(r)
         print(f"  {'met ' if met else 'NOT '} {entry.playbook.name}: {why}")
     print(f"{s.name}: {'PASSED' if code == 0 else 'FAILED'} (exit {code}); "
           f"{run_dir}/junit.xml, {run_dir}/report.html")

@@ -50,10 +50,16 @@ class Injection:
     vendor: str
     function: str
     why: str
-    # (TARGET, CALLER) for the kprobe module: TARGET returns at once when CALLER calls it.
+    # (TARGET, CALLER) for the kprobe module: TARGET returns at once when CALLER calls it,
+    # or, with `mask`, runs with its third argument masked.
     kprobe: tuple[str, str] | None = None
+    mask: int = 0
+    gdb: bool = True  # False: only the kprobe module puts it in (gdb or not)
 
     def locate(self, gdb: GdbSession) -> list[Patch]:
+        if not self.gdb:
+            raise InjectionError(f"{self.name} goes in by the kprobe module only (it changes "
+                                 "an argument, which a code patch cannot)")
         insns = disassemble(gdb, self.function)
         if self.name == "skip-nested-mmu-sync":
             return self._locate_request(gdb, insns, KVM_REQ_MMU_SYNC)
@@ -107,6 +113,12 @@ INJECTIONS: dict[str, Injection] = {
             "The seed's bug: handle_invept() decides which guest_mmu roots L1's INVEPT "
             "invalidates and then does not free them, so L2 keeps L1's old EPT translations.",
             kprobe=("kvm_mmu_free_roots", "handle_invept")),
+        Injection(
+            "free-current-only", "intel", "handle_invept",
+            "A subtler bug than the seed's: handle_invept() frees the current guest_mmu root "
+            "an INVEPT names but forgets the cached (previous) ones, so only an L2 that "
+            "switches back to a cached EPTP sees stale translations.",
+            kprobe=("kvm_mmu_free_roots", "handle_invept"), mask=1, gdb=False),
     )
 }
 ALIASES = {"invalidate-too-little": {"amd": "skip-nested-mmu-sync",
@@ -155,14 +167,14 @@ def load_module(ssh: SSHSession, ko: Path, inj: Injection) -> dict[str, Any]:
     target, caller = inj.kprobe
     remote = f"/tmp/{MODULE}.ko"
     ssh.put(ko, remote)
-    r = ssh.run(f"insmod {remote} target={target} caller={caller} && "
+    r = ssh.run(f"insmod {remote} target={target} caller={caller} mask={inj.mask} && "
                 f"dmesg | grep '{MODULE}:' | tail -1", timeout=120)
     if r.exit_status != 0:
         raise InjectionError(f"{inj.name}: insmod {MODULE} failed: "
                              f"{(r.stderr or r.stdout).strip()[-300:]}")
     return {"name": inj.name, "vendor": inj.vendor, "function": inj.function, "why": inj.why,
             "mechanism": "kprobe module", "module": str(ko), "target": target,
-            "caller": caller, "loaded": r.stdout.strip(), "patches": []}
+            "caller": caller, "mask": inj.mask, "loaded": r.stdout.strip(), "patches": []}
 
 
 def by_gdb(gdb: GdbSession, name: str, vendor: str) -> dict[str, Any]:

@@ -89,6 +89,15 @@ def testsuite(r: dict[str, Any]) -> ET.Element:
         ET.SubElement(case, "system-out").text = _clip(s["stdout"])
         if s["stderr"]:
             ET.SubElement(case, "system-err").text = _clip(s["stderr"])
+    # One testcase per probe check: a failed one is a failure of the kernel under test.
+    for c in r.get("checks") or []:
+        case = ET.SubElement(suite, "testcase", classname=f"{r['name']}.checks",
+                             name=c["name"], time="0")
+        if c["status"] == "failed":
+            n_fail += 1
+            ET.SubElement(case, "failure", message=c["message"][:500])
+        else:
+            ET.SubElement(case, "system-out").text = c["message"]
     # One testcase per kernel event: an unexpected one is an error wherever it happened.
     for ev in r.get("events") or []:
         d = ev.get("decoded") or {}

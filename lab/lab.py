@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from lab import access, hostspeed, inject, procs, steps, warm
+from lab import access, checks, hostspeed, inject, procs, steps, warm
 from lab.decode import Symbols, decode
 from lab.errors import Aborted, LabError, UsageError, error_dict
 from lab.events import Event
@@ -135,6 +135,8 @@ class Lab:
                          "detail": traceback.format_exc()}
         finally:
             self.teardown()
+            if self.pb.checks and self.phase in ("steps", "up", "teardown"):
+                self.judge_probes()  # on what the probes saw, whole or cut short by an error
             self.report_events()
             rep.phases["total"] = round(time.monotonic() - t0 + rep.phases.get("validate", 0),
                                         3)
@@ -404,6 +406,14 @@ class Lab:
         """A probe stopped L0 for a person (or let it go): say so in the lab's record."""
         self.record.held = held
         self.publish()
+
+    def judge_probes(self) -> None:
+        """The playbook's probe checks, on every hit the probes recorded (lab/checks.py)."""
+        results = checks.run_all(self.pb.checks, self.report.probes)
+        self.report.checks = [r.to_dict() for r in results]
+        self.report.invalidation = checks.invalidation_table(self.report.probes)
+        for r in results:
+            log.info(f"check {r.name}: {r.status.upper()}: {r.message}")
 
     # -- steps -----------------------------------------------------------------------------
     def run_steps(self) -> None:

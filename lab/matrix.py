@@ -35,7 +35,11 @@ class Cell:
     name: str  # the playbook's name
     profile: str
     kernel: Kernel
-    expect: str  # passed | failed
+    entry: suite.Entry  # what the suite expects of it
+
+    @property
+    def expect(self) -> str:  # passed | failed
+        return self.entry.expect
 
     @property
     def key(self) -> str:
@@ -100,7 +104,7 @@ def cells(suite_path: Path, profiles: list[str] | None,
                 left_out.append(f"{pb.name} under {prof}: {str(e).splitlines()[0]}")
                 continue
             for k in kernels:
-                out.append(Cell(entry.playbook, pb.name, prof, k, entry.expect))
+                out.append(Cell(entry.playbook, pb.name, prof, k, entry))
     keys = [c.key for c in out]
     dup = sorted({k for k in keys if keys.count(k) > 1})
     if dup:

@@ -33,7 +33,7 @@ class Merged:
     def outcome(self) -> tuple[bool, str]:
         if self.report is None:
             return False, "missing: no run directory holds this cell"
-        return suite.outcome(self.cell.expect, self.report)
+        return self.cell.entry.outcome(self.report)
 
 
 def read_run(run_dir: Path) -> dict[str, Any]:
@@ -136,7 +136,7 @@ def write(out: Path, summ: dict[str, Any], merged: list[Merged], suite_name: str
             for case in sub.findall("testcase"):
                 case.set("classname", axis + case.get("classname", ""))
         else:
-            sub = suite.judged_testsuite(suite_name, m.cell.expect, m.report, axis=axis)
+            sub = suite.judged_testsuite(suite_name, m.cell.entry, m.report, axis=axis)
         sub.set("name", m.cell.key)
         suites.append(sub)
     junit.write(suites, out / "junit.xml", name=suite_name)

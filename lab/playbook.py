@@ -13,6 +13,9 @@ from pathlib import Path
 from typing import Any
 
 from lab import schema
+from lab.checks import BUILTIN as BUILTIN_CHECKS
+from lab.checks import Check
+from lab.checks import load as load_checks
 from lab.errors import UsageError
 from lab.events import KINDS, Expected
 from lab.inject import NAMES as INJECTION_NAMES
@@ -51,6 +54,19 @@ EXPECTED_EVENT_SPEC = schema.Map({
     "match": schema.Field(schema.Str(max_len=200), default=""),
 })
 
+# A verdict on the probes' hits (lab/checks.py): a built-in check, or every hit of one probe
+# satisfying an expression of the checks' own small language.
+CHECK_SPEC = schema.Map({
+    "name": schema.Field(schema.Str(pattern=r"[A-Za-z0-9_][A-Za-z0-9_. -]{0,79}",
+                                    pattern_what="a name of letters, digits, '_', '.', '-', ' '"),
+                         default=None),
+    "builtin": schema.Field(schema.Str(choices=tuple(BUILTIN_CHECKS)), default=None),
+    "probe": schema.Field(schema.Str(max_len=64), default=None),
+    "when": schema.Field(schema.Str(choices=("entry", "return")), default="entry"),
+    "expect": schema.Field(schema.Str(nonempty=True, max_len=500), default=None),
+    "at_least": schema.Field(schema.Int(minimum=0, maximum=1000000), default=1),
+})
+
 STEP_SPEC = schema.Map({
     "name": schema.Field(schema.Str(max_len=200)),
     "on": schema.Field(schema.Str(choices=LEVELS), default="l0"),
@@ -77,6 +93,7 @@ PLAYBOOK_SPEC = schema.Map({
     # auto: restore a saved lab of this topology if there is one, else boot and save one.
     "snapshot": schema.Field(schema.Str(choices=("auto", "off")), default="auto"),
     "expect_events": schema.Field(schema.List(EXPECTED_EVENT_SPEC), default=None),
+    "checks": schema.Field(schema.List(CHECK_SPEC), default=None),
 })
 
 DEFAULT_MEMORY = {"l0": 1024, "l1": 1024, "l2": 256}
@@ -129,6 +146,7 @@ class Playbook:
     snapshot: str = "auto"  # "auto" | "off": warm start from a saved lab (lab/snapshot.py)
     lines: dict[str, int] = field(default_factory=dict)  # top-level field -> line, for errors
     expect_events: list[Expected] = field(default_factory=list)  # may come, at any time
+    checks: list[Check] = field(default_factory=list)  # verdicts on the probes' hits
 
     def for_profile(self, profile: Profile) -> Playbook:
         """This playbook as it runs under `profile`: L0's image and the probe backend where
@@ -187,12 +205,15 @@ def image_dirs(playbook: Path) -> list[Path]:
 
 
 def find_image(playbook: Path, name: str) -> Path | None:
-    if name.endswith(".yaml") or "/" in name:
-        p = (playbook.parent / name).resolve()
-        return p if p.exists() else None
-    for d in image_dirs(playbook):
-        if (d / f"{name}.yaml").exists():
-            return d / f"{name}.yaml"
+    try:
+        if name.endswith(".yaml") or "/" in name:
+            p = (playbook.parent / name).resolve()
+            return p if p.is_file() else None
+        for d in image_dirs(playbook):
+            if (d / f"{name}.yaml").is_file():
+                return d / f"{name}.yaml"
+    except OSError:  # no path at all (too long): no recipe
+        return None
     return None
 
 
@@ -204,10 +225,15 @@ def _read(path: Path, seen: tuple[Path, ...] = ()) -> schema.Located:
         if "topology" not in data.lines:
             raise UsageError(f"{path}:1: topology: missing required field")
         return data
-    base_path = (path.parent / data["extends"]).resolve()
+    try:
+        base_path = (path.parent / data["extends"]).resolve()
+        found = base_path.is_file()
+    except OSError as e:  # a name too long for a path, say
+        raise UsageError(f"{data.where('extends')}: extends: not a playbook's path "
+                         f"({e.strerror})") from None
     if base_path in seen or base_path == path.resolve():
         raise UsageError(f"{data.where('extends')}: extends: {data['extends']} extends itself")
-    if not base_path.exists():
+    if not found:
         raise UsageError(f"{data.where('extends')}: extends: no playbook {base_path}")
     base = _read(base_path, (*seen, path.resolve()))
     for key in data.lines:
@@ -271,11 +297,14 @@ def load(path: Path) -> Playbook:
                           expect_events=_expected(st["expect_events"], levels, f"steps[{i}]")))
     probes = list(data["probes"] or [])
     load_probes(probes, "amd")  # validates; the lab expands the sets for the real vendor
+    probe_names = {p.name for v in ("amd", "intel") for p in load_probes(probes, v)}
+    checks = load_checks(data["checks"] or [], probe_names)
     return Playbook(path=path, name=data["name"] or path.stem, description=data["description"],
                     profile=data["profile"], levels=levels, steps=steps, probes=probes,
                     inject=data["inject"], probe_backend=data["probe_backend"],
                     snapshot=data["snapshot"], lines=dict(data.lines),
-                    expect_events=_expected(data["expect_events"], levels, ""))
+                    expect_events=_expected(data["expect_events"], levels, ""),
+                    checks=checks)
 
 
 def _expected(items: list[Any] | None, levels: dict[str, Level], where: str) -> list[Expected]:

@@ -57,6 +57,10 @@ class Report:
     host_speed: dict[str, Any] = field(default_factory=dict)
     # Every kernel event on every level's console (lab/events.py), expected or not.
     events: list[dict[str, Any]] = field(default_factory=list)
+    # The playbook's probe checks (lab/checks.py) and, where the probes saw INVEPTs whole,
+    # roots freed against roots named, per INVEPT type.
+    checks: list[dict[str, Any]] = field(default_factory=list)
+    invalidation: dict[str, Any] | None = None
 
     @property
     def exit_status(self) -> int:
@@ -79,7 +83,8 @@ class Report:
                                      f"{more}", "detail": first.get("excerpt", "")}
         if self.error is not None or any(s.status == "error" for s in self.steps):
             self.status = "error"
-        elif any(s.status == "failed" for s in self.steps):
+        elif any(s.status == "failed" for s in self.steps) or \
+                any(c["status"] == "failed" for c in self.checks):
             self.status = "failed"
         else:
             self.status = "passed"

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import xml.etree.ElementTree as ET
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +28,12 @@ SUITE_SPEC = schema.Map({
     "suite": schema.Field(schema.List(schema.Map({
         "playbook": schema.Field(schema.Str(), required=True),
         "expect": schema.Field(schema.Str(choices=("passed", "failed")), default="passed"),
+        # For an expected failure: the cases (TAP cases, steps or probe checks) that must fail,
+        # by a stale or wrong read rather than an error of their own, and those that must pass.
+        "cases": schema.Field(schema.Map({
+            "failed": schema.Field(schema.List(schema.Str(max_len=200)), default=None),
+            "passed": schema.Field(schema.List(schema.Str(max_len=200)), default=None),
+        }), default=None),
     })), required=True),
 })
 
@@ -36,6 +42,11 @@ SUITE_SPEC = schema.Map({
 class Entry:
     playbook: Path
     expect: str
+    must_fail: list[str] = field(default_factory=list)  # cases that must catch the bug
+    must_pass: list[str] = field(default_factory=list)  # cases that cannot see it
+
+    def outcome(self, report: dict[str, Any]) -> tuple[bool, str]:
+        return outcome(self.expect, report, self.must_fail, self.must_pass)
 
 
 @dataclass
@@ -67,31 +78,68 @@ def load(path: Path) -> Suite:
         if is_suite(p):
             raise UsageError(f"{e.where('playbook')}: suite[{i}].playbook: suites do not nest")
         playbook.load(p)  # validate now, before anything boots
-        entries.append(Entry(p, e["expect"]))
+        cases = e["cases"] or {"failed": None, "passed": None}
+        if (cases["failed"] or cases["passed"]) and e["expect"] != "failed":
+            raise UsageError(f"{e.where('cases')}: suite[{i}].cases: only an expected failure "
+                             "(expect: failed) names its cases")
+        entries.append(Entry(p, e["expect"], list(cases["failed"] or []),
+                             list(cases["passed"] or [])))
     if not entries:
         raise UsageError(f"{path}:1: suite: expected at least one playbook")
     return Suite(path, data["name"] or path.stem, data["description"], entries)
 
 
-def outcome(expect: str, report: dict[str, Any]) -> tuple[bool, str]:
+STALE = "stale or wrong"  # what a guest case says when it read what L0 should have dropped
+
+
+def verdicts(report: dict[str, Any]) -> dict[str, tuple[str, str]]:
+    """Every case of a run by name: TAP cases, steps without cases, probe checks ->
+    (status, message)."""
+    out: dict[str, tuple[str, str]] = {}
+    for s in report["steps"]:
+        for c in s.get("cases", []):
+            out[c["name"]] = (c["status"], c.get("message", ""))
+        if not s.get("cases"):
+            out[s["name"]] = (s["status"], s.get("message", ""))
+    for c in report.get("checks", []):
+        out[c["name"]] = (c["status"], c.get("message", ""))
+    return out
+
+
+def outcome(expect: str, report: dict[str, Any], must_fail: list[str] | None = None,
+            must_pass: list[str] | None = None) -> tuple[bool, str]:
     """Did a run meet its expectation? An expected failure must fail by its tests (status
-    failed, exit 1), never by an error of the lab."""
+    failed, exit 1), never by an error of the lab; named cases must fail by a stale or wrong
+    read (a guest case) or a failed verdict (a probe check), and others must pass."""
     status = report["status"]
     if expect == "passed":
         return status == "passed", status
-    if status == "failed":
-        caught = [c["name"] for s in report["steps"] for c in s.get("cases", [])
-                  if c["status"] == "failed"] or [s["name"] for s in report["steps"]
-                                                  if s["status"] == "failed"]
-        return True, f"failed as expected; caught by: {', '.join(caught)}"
-    return False, f"expected to fail, but {status}"
+    if status != "failed":
+        return False, f"expected to fail, but {status}"
+    got = verdicts(report)
+    caught = [n for n, (st, _) in got.items() if st == "failed"]
+    wrong = []
+    for name in must_fail or []:
+        st, msg = got.get(name, ("missing", ""))
+        if st != "failed":
+            wrong.append(f"{name} {st}, expected to fail")
+        elif name not in {c["name"] for c in report.get("checks", [])} and STALE not in msg:
+            wrong.append(f"{name} failed, but not by a stale read ({msg[:80]})")
+    for name in must_pass or []:
+        st, _ = got.get(name, ("missing", ""))
+        if st != "passed":
+            wrong.append(f"{name} {st}, expected to pass")
+    if wrong:
+        return False, "failed, but not as expected: " + "; ".join(wrong)
+    return True, f"failed as expected; caught by: {', '.join(caught)}"
 
 
-def judged_testsuite(suite_name: str, expect: str, rep: dict[str, Any],
+def judged_testsuite(suite_name: str, entry: Entry, rep: dict[str, Any],
                      axis: str = "") -> ET.Element:
     """A run's own testsuite (lab/junit.py, from its report), judged against what the suite
     expects of it; `axis` ("KERNEL.PROFILE.") leads every classname in a matrix."""
     sub = junit.testsuite(rep)
+    expect = entry.expect
     if expect == "failed":
         # Failing cases are the point of this run: report them as passed (caught), and a
         # case that did not fail as skipped (it cannot see the injected bug).
@@ -106,7 +154,7 @@ def judged_testsuite(suite_name: str, expect: str, rep: dict[str, Any],
                 ET.SubElement(tc, "skipped", message="passed although the bug was "
                                                      "injected: this case does not catch it")
         sub.set("failures", "0")
-    met, why = outcome(expect, rep)
+    met, why = entry.outcome(rep)
     tc = ET.SubElement(sub, "testcase", classname=f"{suite_name}.expectations",
                        name=f"{rep.get('name', '?')} {expect}")
     if not met:
@@ -124,15 +172,29 @@ def judged_testsuite(suite_name: str, expect: str, rep: dict[str, Any],
 
 def junit_suites(suite: Suite,
                  runs: list[tuple[Entry, Path, dict[str, Any]]]) -> list[ET.Element]:
-    return [judged_testsuite(suite.name, e.expect, rep) for e, _, rep in runs]
+    return [judged_testsuite(suite.name, e, rep) for e, _, rep in runs]
 
 
 def exit_status(results: list[tuple[Entry, dict[str, Any]]]) -> int:
     if any(r["status"] == "error" for _, r in results):
         return EXIT_INFRA
-    if all(outcome(e.expect, r)[0] for e, r in results):
+    if all(e.outcome(r)[0] for e, r in results):
         return EXIT_PASSED
     return EXIT_STEP_FAILED
+
+
+def specificity(runs: list[tuple[Entry, Path, dict[str, Any]]]) -> dict[str, dict[str, str]]:
+    """Which case catches which injected bug: per injected run (column: the injection and the
+    playbook), each case caught (failed), not caught (passed), or what else it was."""
+    out: dict[str, dict[str, str]] = {}
+    for _, _, r in runs:
+        inj = (r.get("injection") or {}).get("name")
+        if not inj:
+            continue
+        out[f"{inj} ({r.get('name')})"] = {
+            name: {"failed": "caught", "passed": "not caught"}.get(st, st)
+            for name, (st, _) in verdicts(r).items()}
+    return out
 
 
 def write(suite: Suite, run_dir: Path, runs: list[tuple[Entry, Path, dict[str, Any]]],
@@ -142,9 +204,10 @@ def write(suite: Suite, run_dir: Path, runs: list[tuple[Entry, Path, dict[str, A
         "name": suite.name, "suite": str(suite.path), "exit_status": code,
         "status": {0: "passed", 1: "failed"}.get(code, "error"), "seconds": round(seconds, 3),
         "runs": [{"playbook": str(e.playbook), "expect": e.expect, "status": r["status"],
-                  "exit_status": r.get("exit_status"), "met": outcome(e.expect, r)[0],
-                  "why": outcome(e.expect, r)[1], "run_dir": str(d),
+                  "exit_status": r.get("exit_status"), "met": e.outcome(r)[0],
+                  "why": e.outcome(r)[1], "run_dir": str(d),
                   "seconds": r.get("phases", {}).get("total")} for e, d, r in runs],
+        "specificity": specificity(runs),
     }
     (run_dir / "report.json").write_text(json.dumps(summary, indent=1) + "\n")
     junit.write(junit_suites(suite, runs), run_dir / "junit.xml", name=suite.name)

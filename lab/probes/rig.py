@@ -52,14 +52,16 @@ class Rig:
         """Inject the playbook's bug and arm its probes. gdb, if it only injects, leaves
         again at once (the patch stays)."""
         specs = self.pb.probe_specs(self.profile.vendor)
-        if self.pb.inject and gdb_socket is None:
+        by_module = self.pb.inject is not None and (
+            gdb_socket is None or not inject.resolve(self.pb.inject, self.profile.vendor).gdb)
+        if self.pb.inject and by_module:
             self.report.injection = inject.by_module(l0, self.pb.inject, self.profile.vendor,
                                                      kernel_source, self.cache)
         if self.pb.probe_backend == "tracefs":
             self._start_tracefs(l0, specs, kernel)
             specs = []  # gdb, if needed at all, only injects
-        if gdb_socket is not None and (specs or self.pb.inject):
-            self._start_gdb(l0, gdb_socket, specs, kernel)
+        if gdb_socket is not None and (specs or (self.pb.inject and not by_module)):
+            self._start_gdb(l0, gdb_socket, specs, kernel, inject_too=not by_module)
 
     def _start_tracefs(self, l0: SSHSession, specs: list[ProbeSpec],
                        kernel: RunningKernel) -> None:
@@ -75,7 +77,7 @@ class Rig:
                                    "probe_sets": sorted({s.origin for s in specs})}
 
     def _start_gdb(self, l0: SSHSession, gdb_socket: str, specs: list[ProbeSpec],
-                   kernel: RunningKernel) -> None:
+                   kernel: RunningKernel, inject_too: bool) -> None:
         from lab.probes import gdb as gdb_probes
 
         # Read what needs L0 running (SSH) before gdb stops it.
@@ -83,7 +85,7 @@ class Rig:
         self._own("probes")
         gdb, setup = gdb_probes.attach(gdb_socket, kernel.files.vmlinux, offset, modules,
                                        self.run_dir / "gdb.log")
-        if self.pb.inject:
+        if self.pb.inject and inject_too:
             self.report.injection = inject.by_gdb(gdb, self.pb.inject, self.profile.vendor)
         if self.backend is None:
             self.report.probe_backend = "gdb"

@@ -3,7 +3,9 @@
  * lab_inject: make L0 invalidate too little without a debugger, for L0s that have no gdbstub
  * (Bochs, real machines). A kprobe on TARGET makes it return at once when it is called from
  * CALLER: `target=kvm_mmu_free_roots caller=handle_invept` is the seed's bug (handle_invept
- * decides which guest_mmu roots L1's INVEPT names, and then they are not freed).
+ * decides which guest_mmu roots L1's INVEPT names, and then they are not freed). With `mask`,
+ * TARGET runs, but its third argument (kvm_mmu_free_roots' roots_to_free, in %rdx) keeps only
+ * the bits of `mask`: `mask=1` frees the current root alone and forgets the cached ones.
  *
  * Returning at once means resuming at a function that only returns (what the kernel's own
  * override_function_with_return() does for error injection): the stack is untouched, so it
@@ -24,6 +26,10 @@ MODULE_PARM_DESC(target, "the function to make return at once");
 static char caller[KSYM_NAME_LEN] = "handle_invept";
 module_param_string(caller, caller, sizeof(caller), 0444);
 MODULE_PARM_DESC(caller, "only when called from this function");
+
+static unsigned long mask;
+module_param(mask, ulong, 0444);
+MODULE_PARM_DESC(mask, "0: return at once; else: and TARGET's third argument with this");
 
 static atomic_long_t skipped_calls;
 static int get_skipped(char *buf, const struct kernel_param *kp)
@@ -47,6 +53,13 @@ static int pre(struct kprobe *p, struct pt_regs *regs)
 
 	if (ret < caller_start || ret >= caller_end)
 		return 0;
+	if (mask) {
+		/* Restored into %rdx when the kprobe (int3 or ftrace) returns to the target. */
+		if (regs->dx & ~mask)
+			atomic_long_inc(&skipped_calls);
+		regs->dx &= mask;
+		return 0;
+	}
 	atomic_long_inc(&skipped_calls);
 	instruction_pointer_set(regs, (unsigned long)lab_just_return);
 	return 1; /* regs->ip changed: do not run the probed instruction */
@@ -89,8 +102,12 @@ static int __init lab_inject_init(void)
 		pr_err("lab_inject: cannot probe %s: %d\n", target, r);
 		return r;
 	}
-	pr_info("lab_inject: %s returns at once when called from %s (%#lx-%#lx)\n",
-		target, caller, caller_start, caller_end);
+	if (mask)
+		pr_info("lab_inject: %s keeps only %#lx of its 3rd argument when called from %s "
+			"(%#lx-%#lx)\n", target, mask, caller, caller_start, caller_end);
+	else
+		pr_info("lab_inject: %s returns at once when called from %s (%#lx-%#lx)\n",
+			target, caller, caller_start, caller_end);
 	return 0;
 }
 

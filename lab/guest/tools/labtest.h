@@ -19,20 +19,23 @@ static inline double now(void)
     return ts.tv_sec + ts.tv_nsec / 1e9;
 }
 
-/* One TAP line for a case: ok, not ok with the first failure, or not ok with a setup error. */
+/* One TAP line for a case: ok, not ok with the first failure, or not ok with a setup error.
+ * A case that made no check at all passed nothing: it is not ok. */
 static inline int tap_result(const char *name, long checks, long bad, long first, const char *what,
                       double secs, const char *setup_error)
 {
     tapno++;
     if (setup_error)
         printf("not ok %d - %s: setup failed: %s\n", tapno, name, setup_error);
+    else if (checks == 0)
+        printf("not ok %d - %s: ran no check\n", tapno, name);
     else if (bad)
         printf("not ok %d - %s: %ld of %ld checks stale or wrong (first at iteration %ld: %s)\n",
                tapno, name, bad, checks, first, what);
     else
         printf("ok %d - %s: %ld checks in %.2f s\n", tapno, name, checks, secs);
     fflush(stdout);
-    return setup_error || bad;
+    return setup_error || bad || checks == 0;
 }
 
 static inline void tap_skip(const char *name, const char *why)
