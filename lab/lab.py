@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from lab import access, checks, hostspeed, inject, procs, steps, warm
+from lab import access, hostspeed, inject, procs, steps, warm
 from lab.decode import Symbols, decode
 from lab.errors import Aborted, LabError, UsageError, error_dict
 from lab.events import Event
@@ -34,6 +34,7 @@ from lab.machines import base as machines
 from lab.machines import nested
 from lab.machines.qemu import VMSpec
 from lab.playbook import Playbook, Step
+from lab.probes import checks
 from lab.probes.rig import Rig
 from lab.profiles import Profile
 from lab.report import Report
@@ -408,7 +409,7 @@ class Lab:
         self.publish()
 
     def judge_probes(self) -> None:
-        """The playbook's probe checks, on every hit the probes recorded (lab/checks.py)."""
+        """The playbook's probe checks, on every hit the probes recorded (lab/probes/checks.py)."""
         results = checks.run_all(self.pb.checks, self.report.probes)
         self.report.checks = [r.to_dict() for r in results]
         self.report.invalidation = checks.invalidation_table(self.report.probes)

@@ -13,12 +13,12 @@ from pathlib import Path
 from typing import Any
 
 from lab import schema
-from lab.checks import BUILTIN as BUILTIN_CHECKS
-from lab.checks import Check
-from lab.checks import load as load_checks
 from lab.errors import UsageError
 from lab.events import KINDS, Expected
 from lab.inject import NAMES as INJECTION_NAMES
+from lab.probes.checks import BUILTIN as BUILTIN_CHECKS
+from lab.probes.checks import Check
+from lab.probes.checks import load as load_checks
 from lab.probes.spec import PROBE_SPEC, load_probes
 from lab.profiles import PROFILES, Profile
 
@@ -54,7 +54,7 @@ EXPECTED_EVENT_SPEC = schema.Map({
     "match": schema.Field(schema.Str(max_len=200), default=""),
 })
 
-# A verdict on the probes' hits (lab/checks.py): a built-in check, or every hit of one probe
+# A verdict on the probes' hits (lab/probes/checks.py): a built-in check, or every hit of one probe
 # satisfying an expression of the checks' own small language.
 CHECK_SPEC = schema.Map({
     "name": schema.Field(schema.Str(pattern=r"[A-Za-z0-9_][A-Za-z0-9_. -]{0,79}",

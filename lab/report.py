@@ -57,7 +57,7 @@ class Report:
     host_speed: dict[str, Any] = field(default_factory=dict)
     # Every kernel event on every level's console (lab/events.py), expected or not.
     events: list[dict[str, Any]] = field(default_factory=list)
-    # The playbook's probe checks (lab/checks.py) and, where the probes saw INVEPTs whole,
+    # The playbook's probe checks (lab/probes/checks.py) and, where the probes saw INVEPTs whole,
     # roots freed against roots named, per INVEPT type.
     checks: list[dict[str, Any]] = field(default_factory=list)
     invalidation: dict[str, Any] | None = None

@@ -1,4 +1,4 @@
-"""Probe checks (lab/checks.py) on the recorded tracefs stream of a real invept-vmx run (Bochs
+"""Probe checks (lab/probes/checks.py) on the recorded tracefs stream of a real invept-vmx run (Bochs
 L0, Debian 6.1), as it was and as the bugs the checks exist for would have made it."""
 
 from __future__ import annotations
@@ -11,9 +11,9 @@ from typing import Any
 import pytest
 from test_tracefs import recorded_probes
 
-from lab import checks
-from lab.checks import Check, evaluate, parse
 from lab.errors import UsageError
+from lab.probes import checks
+from lab.probes.checks import Check, evaluate, parse
 
 BUILTINS = [Check(n, builtin=n) for n in checks.BUILTIN]
 
