@@ -21,6 +21,11 @@ from lab.errors import EXIT_INFRA, EXIT_USAGE, Aborted, LabError, UsageError
 from lab.profiles import PROFILES
 
 log = logging.getLogger("lab")
+DESCRIPTION = ("A nested-virtualization lab for KVM developers: L0 -> L1 -> L2, probes in L0's "
+               "KVM, guest-side tests. Exit statuses: 0 passed, 1 a step or a probe check "
+               "failed, 2 bad input or usage, 3 infrastructure failure (boot, SSH, emulator, a "
+               "kernel event nobody expected, timeout); `lab ssh` passes the remote command's "
+               "status on, and 255 for its own failure.")
 
 
 def _raise_aborted(signum: int, frame: FrameType | None) -> None:
@@ -158,7 +163,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 # -- parser ------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="lab", description=__doc__)
+    p = argparse.ArgumentParser(prog="lab", description=DESCRIPTION)
     p.add_argument("--version", action="version", version=f"lab {_version()}")
     p.add_argument("-v", "--verbose", action="count", default=0, help="more messages")
     p.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
