@@ -1,5 +1,5 @@
-"""Probe checks (lab/probes/checks.py) on the recorded tracefs stream of a real invept-vmx run (Bochs
-L0, Debian 6.1), as it was and as the bugs the checks exist for would have made it."""
+"""Probe checks (lab/probes/checks.py) on the recorded tracefs stream of a real invept-vmx run
+(Bochs L0, Debian 6.1), as it was and as the bugs the checks exist for would have made it."""
 
 from __future__ import annotations
 
