@@ -10,7 +10,9 @@ import contextlib
 import fcntl
 import hashlib
 import os
+import shutil
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -74,3 +76,69 @@ def file_sha256(path: Path) -> str:
                 h.update(chunk)
         _file_hashes[memo] = h.hexdigest()
     return _file_hashes[memo]
+
+
+# What each part of the cache holds, and whether `lab cache prune` may drop old entries of it
+# (everything there is rebuilt or refetched on demand; keys and records are not).
+PARTS = {
+    "images": ("built images: kernel, initramfs, manifest", True),
+    "snapshots": ("saved labs for warm starts (each as big as L0's memory)", True),
+    "boot-iso": ("Bochs boot CDs", True),
+    "gdb-index": ("vmlinux copies with a .gdb_index (fast gdb start)", True),
+    "kmod": ("kernel modules the lab built (lab_inject, lab_warn)", True),
+    "vmlinux-elf": ("vmlinux for Bochs's PVH entry", True),
+    "kernels": ("unpacked Debian kernels and modules", False),
+    "debug": ("unpacked debug symbols (vmlinux, KVM modules)", False),
+    "headers": ("unpacked kernel headers, for building modules", False),
+    "downloads": ("downloaded packages (not needed once unpacked)", True),
+    "tools": ("the guest programs, built", True),
+    "pvhboot": ("the multiboot loader for Bochs's PVH entry", True),
+    "keys": ("the lab's SSH client key", False),
+    "run": ("running labs: sockets and records", False),
+}
+
+
+def _size(p: Path) -> int:
+    if p.is_symlink() or not p.is_dir():
+        return p.lstat().st_size
+    total = 0
+    for dirpath, _dirs, files in os.walk(p):
+        for f in files:
+            with contextlib.suppress(OSError):
+                total += (Path(dirpath) / f).lstat().st_size
+    return total
+
+
+def usage(root: Path) -> list[tuple[str, int, int, str]]:
+    """(part, bytes, entries, what it is) for each part of the cache that exists."""
+    out = []
+    for d in sorted(p for p in root.iterdir() if p.is_dir()):
+        what = PARTS.get(d.name, ("", False))[0] or "(other)"
+        entries = [e for e in d.iterdir() if not e.name.startswith(".")]
+        out.append((d.name, _size(d), len(entries), what))
+    return out
+
+
+def prune(root: Path, older_than_days: float, dry_run: bool = False) -> list[tuple[Path, int]]:
+    """Drop the entries of the rebuildable parts not written or used for `older_than_days`;
+    what was (or would be) dropped, with its size. Only while no lab runs (the caller's
+    check): an image or a saved lab in use would go from under it."""
+    cutoff = time.time() - older_than_days * 86400
+    gone = []
+    for name, (_, prunable) in PARTS.items():
+        d = root / name
+        if not prunable or not d.is_dir():
+            continue
+        for e in d.iterdir():
+            if e.name.startswith(".") or e.suffix == ".lock":
+                continue
+            if e.lstat().st_mtime >= cutoff:
+                continue
+            size = _size(e)
+            if not dry_run:
+                if e.is_dir() and not e.is_symlink():
+                    shutil.rmtree(e, ignore_errors=True)
+                else:
+                    e.unlink(missing_ok=True)
+            gone.append((e, size))
+    return gone

@@ -140,6 +140,32 @@ def cmd_kcidb(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_cache(args: argparse.Namespace) -> int:
+    """`lab cache`: what the cache holds; `lab cache prune`: drop what was not used lately."""
+    from lab import cache
+
+    root = cache_root()
+    if args.cache_cmd == "prune":
+        live = [r for r in procs.Registry().records() if procs.alive(int(r.get("owner_pid", 0)))]
+        if live:
+            dirs = ", ".join(str(r.get("run_dir")) for r in live)
+            raise UsageError(f"{len(live)} lab(s) running ({dirs}): `lab down` them first")
+        gone = cache.prune(root, args.older_than, dry_run=args.dry_run)
+        for p, size in gone:
+            print(f"{'would drop' if args.dry_run else 'dropped'} {p} ({size >> 20} MiB)")
+        print(f"{sum(s for _, s in gone) >> 20} MiB in {len(gone)} entries "
+              f"{'would be ' if args.dry_run else ''}freed (not used for {args.older_than:g} "
+              "days)")
+        return 0
+    total = 0
+    print(f"{root}:")
+    for name, size, entries, what in cache.usage(root):
+        total += size
+        print(f"  {name:12} {size / 2**30:6.2f} GB  {entries:4} entries  {what}")
+    print(f"  {'total':12} {total / 2**30:6.2f} GB")
+    return 0
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     _install_signal_handlers()
     return driver.run(Path(args.playbook), args.out, args.profile, args.kernel_tree, args.cold)
@@ -181,6 +207,15 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--kernel-tree", help="use this kernel build tree instead of the recipe's")
     b.add_argument("--no-debug", action="store_true", help="skip the debug-symbols package")
     b.set_defaults(func=cmd_images_build)
+
+    ca = sub.add_parser("cache", help="what the cache holds; `lab cache prune` drops the old")
+    casub = ca.add_subparsers(dest="cache_cmd", metavar="ACTION")
+    pr = casub.add_parser("prune", help="drop images, saved labs, boot CDs, gdb indexes and "
+                                        "built modules not used for a while")
+    pr.add_argument("--older-than", type=float, default=14.0, metavar="DAYS",
+                    help="not used for this many days (default 14)")
+    pr.add_argument("--dry-run", action="store_true", help="say what would go, drop nothing")
+    ca.set_defaults(func=cmd_cache)
 
     profiles = sorted(PROFILES)
     for name, func, helptext in (

@@ -188,6 +188,7 @@ class Builder:
                     img.manifest["debug"] = _debug_manifest(self._debug(recipe))
                     # Whole or not at all: an empty manifest would fail every later run.
                     write_atomic(out / "manifest.json", json.dumps(img.manifest, indent=1))
+                os.utime(out)  # most recently used (`lab cache prune` drops the oldest)
                 return img
             log.info(f"building image {recipe.name} ({kernel.label}"
                      f"{', carrying ' + str(child.manifest['recipe']) if child else ''})")

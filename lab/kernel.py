@@ -7,6 +7,7 @@ puts the debug symbols into an image.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -156,6 +157,19 @@ def _download(pkg: AptPackage, dest: Path) -> Path:
     return deb
 
 
+def _fetch_unpacked(pkg: AptPackage, cache: Path, dest: Path,
+                    patterns: list[str] | None = None) -> None:
+    """A package unpacked at `dest` (or its members matching `patterns`): downloaded only if
+    it is not unpacked yet, and the .deb not kept once it is (the lab reads only what it
+    unpacked; ~1.3 GB per kernel with its debug package)."""
+    if dest.exists():
+        return
+    deb = _download(pkg, cache / "downloads")
+    _extract(deb, dest, patterns)
+    with contextlib.suppress(OSError):
+        deb.unlink()
+
+
 def _extract(deb: Path, dest: Path, patterns: list[str] | None = None) -> None:
     """Unpack a .deb (or only the members matching shell patterns) into dest, atomically."""
     if dest.exists():
@@ -198,10 +212,9 @@ class DebianKernel:
     def fetch(self, cache: Path) -> KernelFiles:
         pkg = self._resolve()
         rel = self.release()
-        deb = _download(pkg, cache / "downloads")
         root = cache / "kernels" / f"{rel}_{pkg.version}"
         with locked(cache / "kernels" / f"{rel}.lock"):
-            _extract(deb, root)
+            _fetch_unpacked(pkg, cache, root)
         return KernelFiles(release=rel, label=f"debian {pkg.name}={pkg.version}",
                            bzimage=root / "boot" / f"vmlinuz-{rel}",
                            module_root=root / "lib" / "modules" / rel / "kernel",
@@ -210,14 +223,16 @@ class DebianKernel:
     def fetch_debug(self, cache: Path) -> DebugFiles:
         pkg = self._resolve()
         rel = self.release()
-        dbg = apt_show(f"linux-image-{rel}-dbg", pkg.version)
-        deb = _download(dbg, cache / "downloads")
         root = cache / "debug" / f"{rel}_{pkg.version}"
         with locked(cache / "debug" / f"{rel}.lock"):
-            # 1.7 GB unpacked in full; vmlinux, System.map and the KVM modules are what we use.
-            _extract(deb, root, ["./usr/lib/debug/boot/*",
-                                 f"./usr/lib/debug/lib/modules/{rel}/kernel/arch/x86/kvm/*",
-                                 f"./usr/lib/debug/lib/modules/{rel}/kernel/virt/*"])
+            if not root.exists():  # apt is asked only the first time
+                dbg = apt_show(f"linux-image-{rel}-dbg", pkg.version)
+                # 1.7 GB unpacked in full; vmlinux, System.map and the KVM modules are what
+                # the lab uses.
+                _fetch_unpacked(dbg, cache, root, [
+                    "./usr/lib/debug/boot/*",
+                    f"./usr/lib/debug/lib/modules/{rel}/kernel/arch/x86/kvm/*",
+                    f"./usr/lib/debug/lib/modules/{rel}/kernel/virt/*"])
         base = root / "usr" / "lib" / "debug"
         return DebugFiles(vmlinux=base / "boot" / f"vmlinux-{rel}",
                           module_root=base / "lib" / "modules" / rel / "kernel",
@@ -245,7 +260,7 @@ class DebianKernel:
                 tmp = root.with_name(root.name + ".tmp")
                 shutil.rmtree(tmp, ignore_errors=True)
                 for p in wanted:
-                    _extract(_download(p, cache / "downloads"), tmp / p.name)
+                    _fetch_unpacked(p, cache, tmp / p.name)
                 merged = tmp / "root"
                 for p in wanted:
                     _run(["cp", "-a", f"{tmp / p.name}/.", str(merged)], "merging headers")
