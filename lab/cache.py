@@ -21,7 +21,12 @@ def cache_root() -> Path:
     """The cache, refused when another user could change it: the lab runs `make` on what it
     holds and boots the kernels in it."""
     env = os.environ.get("LAB_CACHE")
-    root = Path(env) if env else Path.home() / ".cache" / "lab"
+    if env:
+        root = Path(env)
+    else:
+        from lab import config  # a user's default (lab/config.py)
+
+        root = config.load().cache or Path.home() / ".cache" / "lab"
     if not root.exists():
         root.parent.mkdir(parents=True, exist_ok=True)
         root.mkdir(mode=0o700, exist_ok=True)

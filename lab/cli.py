@@ -179,7 +179,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     _install_signal_handlers(interrupt=True)
     t0 = time.monotonic()
     pb = playbook.load(Path(args.playbook))
-    profile = driver.resolve_profile(args.profile or pb.profile)
+    profile = driver.profile_for(args.profile, pb.profile)
     rep = driver.run_playbook(pb, Path(args.out).resolve(), profile,
                               driver.kernel_tree(args.kernel_tree), hold=args.hold,
                               cold=args.cold, serve=True, started=t0)

@@ -13,13 +13,23 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from lab import access, doctor, playbook, procs, suite
+from lab import access, config, doctor, playbook, procs, suite
 from lab.cache import cache_root
 from lab.errors import LabError, UsageError
 from lab.profiles import Profile, get_profile
 from lab.report import Report, summary
 
 log = logging.getLogger(__name__)
+
+
+def profile_for(given: str | None, playbook_profile: str) -> Profile:
+    """--profile, else the playbook's own, where that is `auto` the user's default (config),
+    else what this host can run."""
+    if given:
+        return resolve_profile(given)
+    if playbook_profile == "auto" and config.load().profile:
+        return resolve_profile(str(config.load().profile))
+    return resolve_profile(playbook_profile)
 
 
 def resolve_profile(name: str) -> Profile:
@@ -40,9 +50,10 @@ def resolve_profile(name: str) -> Profile:
 
 
 def new_run_dir(out: str | None, name: str) -> Path:
-    """The run directory: --out, or runs/<time>-<name>; private to this user, and never one
-    where a lab is running."""
-    d = Path(out) if out else Path("runs") / f"{datetime.datetime.now():%Y%m%d-%H%M%S}-{name}"
+    """The run directory: --out, or RUNS/<time>-<name> (RUNS: the user's config, else runs/);
+    private to this user, and never one where a lab is running."""
+    base = config.load().runs or Path("runs")
+    d = Path(out) if out else base / f"{datetime.datetime.now():%Y%m%d-%H%M%S}-{name}"
     d = d.resolve()
     d.parent.mkdir(parents=True, exist_ok=True)
     try:
@@ -101,7 +112,7 @@ def run(path: Path, out: str | None, profile_name: str | None, tree_arg: str | N
     if suite.is_suite(path):
         return run_suite(path, out, profile_name, tree_arg, cold)
     pb = playbook.load(path)
-    profile = resolve_profile(profile_name or pb.profile)
+    profile = profile_for(profile_name, pb.profile)
     rep = run_playbook(pb, new_run_dir(out, pb.name), profile, kernel_tree(tree_arg),
                        cold=cold, started=t0)
     print(summary(rep))
@@ -117,7 +128,7 @@ def run_suite(path: Path, out: str | None, profile_name: str | None, tree_arg: s
     runs = []
     for i, entry in enumerate(s.entries):
         pb = playbook.load(entry.playbook)
-        profile = resolve_profile(profile_name or pb.profile)
+        profile = profile_for(profile_name, pb.profile)
         sub_dir = run_dir / f"{i + 1:02d}-{pb.name}"
         sub_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         log.info(f"suite {s.name}: [{i + 1}/{len(s.entries)}] {pb.name} "

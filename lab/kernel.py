@@ -10,10 +10,12 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import os
 import re
 import shutil
 import subprocess
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -21,6 +23,8 @@ from typing import Protocol
 from lab.cache import file_sha256, locked
 from lab.elfinfo import modinfo
 from lab.errors import LabError, UsageError
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -67,6 +71,7 @@ class AptPackage:
     name: str
     version: str
     sha256: str
+    size: int = 0  # bytes of the .deb, as apt records it (0: unknown)
 
 
 def apt_show(name: str, version: str | None = None) -> AptPackage:
@@ -84,7 +89,8 @@ def apt_show(name: str, version: str | None = None) -> AptPackage:
                                                    r, re.M)] or records
     rec = records[0]
     fields = dict(re.findall(r"^([A-Za-z0-9-]+): (.*)$", rec, re.M))
-    return AptPackage(name, fields["Version"], fields.get("SHA256", ""))
+    return AptPackage(name, fields["Version"], fields.get("SHA256", ""),
+                      int(fields.get("Size", "0") or 0))
 
 
 def apt_resolve_image(meta: str) -> str:
@@ -124,10 +130,11 @@ def _memo_resolve(package: str, version: str | None) -> AptPackage:
         known = {}
     hit = known.get(key)
     if hit and hit.get("stamp") == stamp:
-        return AptPackage(hit["name"], hit["version"], hit["sha256"])
+        return AptPackage(hit["name"], hit["version"], hit["sha256"], hit.get("size", 0))
     name = apt_resolve_image(package)
     pkg = apt_show(name, version if name == package else None)
-    known[key] = {"stamp": stamp, "name": pkg.name, "version": pkg.version, "sha256": pkg.sha256}
+    known[key] = {"stamp": stamp, "name": pkg.name, "version": pkg.version, "sha256": pkg.sha256,
+                  "size": pkg.size}
     tmp = memo.with_suffix(f".{os.getpid()}.tmp")
     tmp.write_text(json.dumps(known, indent=1))
     os.replace(tmp, memo)
@@ -147,8 +154,12 @@ def _download(pkg: AptPackage, dest: Path) -> Path:
         tmp = dest / f".tmp-{pkg.name}"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
+        t = time.monotonic()
+        mb = f", {pkg.size / 2**20:.0f} MB" if pkg.size else ""
+        log.info(f"downloading {pkg.name}={pkg.version}{mb} (once per kernel)")
         _run(["apt-get", "download", "-q", f"{pkg.name}={pkg.version}"],
              f"downloading {pkg.name}", cwd=tmp)
+        log.info(f"downloaded {pkg.name} in {time.monotonic() - t:.1f} s")
         got = next(tmp.glob("*.deb"))
         if file_sha256(got) != pkg.sha256:
             raise LabError(f"{got.name}: SHA256 does not match apt's record")
@@ -165,7 +176,9 @@ def _fetch_unpacked(pkg: AptPackage, cache: Path, dest: Path,
     if dest.exists():
         return
     deb = _download(pkg, cache / "downloads")
+    t = time.monotonic()
     _extract(deb, dest, patterns)
+    log.info(f"unpacked {deb.name} in {time.monotonic() - t:.1f} s")
     with contextlib.suppress(OSError):
         deb.unlink()
 

@@ -3,9 +3,11 @@ the gdbinit that `lab gdb` (or `gdb -x RUN/gdbinit`) attaches with."""
 
 from __future__ import annotations
 
+import logging
 import re
 import shutil
 import subprocess
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -15,6 +17,8 @@ from lab.elfinfo import alloc_sections
 from lab.errors import LabError
 from lab.kernel import module_index
 from lab.ssh import SSHSession
+
+log = logging.getLogger(__name__)
 
 KVM_MODULES = ("irqbypass", "kvm", "kvm_amd", "kvm_intel")
 
@@ -35,8 +39,12 @@ def indexed_vmlinux(vmlinux: Path, cache: Path) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         shutil.copyfile(vmlinux, tmp / "vmlinux")
+        t = time.monotonic()
+        log.info(f"indexing {vmlinux.name} for gdb (once per kernel; gdb then starts in well "
+                 "under a second)")
         p = subprocess.run(["gdb-add-index", str(tmp / "vmlinux")], capture_output=True,
                            text=True, timeout=600)
+        log.info(f"indexed {vmlinux.name} in {time.monotonic() - t:.1f} s")
         if p.returncode != 0:
             raise LabError(f"gdb-add-index {vmlinux}: {p.stderr.strip()[-300:]}")
         tmp.rename(dest.parent)

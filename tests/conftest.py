@@ -4,6 +4,9 @@ from pathlib import Path
 
 import pytest
 
+# pytester: tests/integration/test_plugin.py runs a user's test file with the lab's plugin.
+pytest_plugins = ["pytester"]
+
 ROOT = Path(__file__).resolve().parent.parent
 DATA = Path(__file__).resolve().parent / "data"
 

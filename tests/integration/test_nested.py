@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import subprocess
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -13,19 +12,17 @@ import pytest
 
 from .helpers import ROOT, gone, lab, qemu_pids, report
 
-pytestmark = pytest.mark.integration
+# The lab's own pytest plugin brings the chain up (lab/pytest_plugin.py). cold: this module is
+# about booting the chain (test_warm.py restores it); it still saves the lab when none is
+# saved yet.
+pytestmark = [pytest.mark.integration,
+              pytest.mark.lab(str(ROOT / "playbooks" / "nested.yaml"), cold=True)]
 
 
 @pytest.fixture(scope="module")
-def nested_up(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, dict[str, Any]]]:
-    out = tmp_path_factory.mktemp("nested") / "run"
-    # --cold: this module is about booting the chain (test_warm.py restores it); it still
-    # saves the lab when none is saved yet.
-    r = lab("up", "playbooks/nested.yaml", "--out", str(out), "--cold", timeout=1200)
-    assert r.returncode == 0, r.stdout + r.stderr
-    state = json.loads((out / "state.json").read_text())
-    yield out, state
-    lab("down", "--run", str(out), timeout=120)
+def nested_up(lab: Any) -> tuple[Path, dict[str, Any]]:
+    out: Path = lab.run_dir
+    return out, json.loads((out / "state.json").read_text())
 
 
 def test_openssh_reaches_l2_through_proxyjump(nested_up: tuple[Path, dict[str, Any]]) -> None:
