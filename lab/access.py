@@ -12,7 +12,7 @@ from typing import Any
 
 from lab.cache import write_atomic
 from lab.errors import UsageError
-from lab.procs import Registry, alive, start_time
+from lab.procs import Registry, start_time
 
 
 @dataclass
@@ -82,6 +82,17 @@ class Record:
             registry.write(self.id, d)
 
 
+def chain(levels: dict[str, dict[str, Any]], level: str) -> list[str]:
+    """`level` and the levels it runs inside, innermost first, as a lab's record names them
+    (each level's `via`)."""
+    out: list[str] = []
+    name: str | None = level
+    while name:
+        out.append(name)
+        name = (levels.get(name) or {}).get("via")
+    return out
+
+
 def write_state(run_dir: Path, state: dict[str, Any]) -> None:
     write_atomic(run_dir / "state.json", json.dumps(state, indent=1))  # two threads write it
 
@@ -104,8 +115,7 @@ def find_run(run: str | None) -> Path:
         if not (d / "state.json").exists():
             raise UsageError(f"--run {run}: no state.json there: not a lab run directory")
         return _trusted(d)
-    live = [r for r in Registry().records() if alive(int(r.get("owner_pid", 0)))]
-    live = [r for r in live if r.get("up")]
+    live = [r for r in Registry().live() if r.get("up")]
     if not live:
         raise UsageError("no lab is up; start one with `lab up PLAYBOOK` or give --run DIR")
     live.sort(key=lambda r: float(r.get("started", 0)))

@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from lab import access
 from lab.cache import write_atomic
 
 SEEN = "alerts.seen"
@@ -44,11 +45,7 @@ def crashed(state: dict[str, Any], level: str) -> str | None:
     levels = state.get("levels") or {}
     if (levels.get(level) or {}).get("state") != "crashed":
         return None
-    chain: list[str] = []
-    name: str | None = level
-    while name:
-        chain.append(name)
-        name = (levels.get(name) or {}).get("via")
+    chain = access.chain(levels, level)
     fatal = [ev for ev in state.get("events") or [] if ev.get("fatal")
              and ev.get("level") in chain]
     if not fatal:

@@ -12,6 +12,7 @@ from typing import Any
 
 import yaml
 
+from lab.errors import EXIT_INFRA  # the lab's own failures: retried; a test's (1) never is
 from lab.matrix import DEBIAN, Cell, Kernel, budget_minutes
 
 # What a runner must offer for a profile: the tags its jobs ask for.
@@ -19,7 +20,6 @@ TAGS = {"kvm-vmx": "kvm-vmx", "kvm-svm": "kvm-svm", "tcg-svm": "tcg", "bochs-vmx
 RUNS = "runs"  # each cell's run directory: runs/CELL (the job's artifact)
 MERGED = "merged"
 LAB = ".venv/bin/lab"
-EXIT_INFRA = 3  # lab's infrastructure failures: retried; a test failure (1) never is
 
 
 def _relative(p: Path) -> str:

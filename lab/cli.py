@@ -44,7 +44,7 @@ def _setup_logging(verbosity: int) -> None:
     """The lab's messages on stderr, `[lab HH:MM:SS] ...`: -q warnings and worse only, -v
     debug too. A run also writes them to RUN/lab.log (driver.run_log)."""
     h = logging.StreamHandler(sys.stderr)
-    h.setFormatter(logging.Formatter("[lab %(asctime)s] %(message)s", "%H:%M:%S"))
+    h.setFormatter(driver.log_format())
     log.addHandler(h)
     log.setLevel({-1: logging.WARNING, 0: logging.INFO}.get(verbosity, logging.DEBUG))
     log.propagate = False
@@ -146,7 +146,7 @@ def cmd_cache(args: argparse.Namespace) -> int:
 
     root = cache_root()
     if args.cache_cmd == "prune":
-        live = [r for r in procs.Registry().records() if procs.alive(int(r.get("owner_pid", 0)))]
+        live = procs.Registry().live()
         if live:
             dirs = ", ".join(str(r.get("run_dir")) for r in live)
             raise UsageError(f"{len(live)} lab(s) running ({dirs}): `lab down` them first")

@@ -81,10 +81,6 @@ class Console:
         the console's reader thread)."""
         self._on_event.append(callback)
 
-    @property
-    def events(self) -> list[Event]:
-        with self._cond:
-            return [s.event for s in self._seen]
 
     # -- attaching -------------------------------------------------------------------------
     def attach_unix(self, path: str, deadline: float) -> None:

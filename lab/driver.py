@@ -75,11 +75,16 @@ def kernel_tree(arg: str | None) -> Path | None:
     return tree
 
 
+def log_format() -> logging.Formatter:
+    """`[lab HH:MM:SS] message`: the lab's lines on stderr and in RUN/lab.log alike."""
+    return logging.Formatter("[lab %(asctime)s] %(message)s", "%H:%M:%S")
+
+
 @contextlib.contextmanager
 def run_log(run_dir: Path) -> Iterator[None]:
     """Everything the lab logs during a run also goes to RUN/lab.log."""
     h = logging.FileHandler(run_dir / "lab.log")
-    h.setFormatter(logging.Formatter("[lab %(asctime)s] %(message)s", "%H:%M:%S"))
+    h.setFormatter(log_format())
     root = logging.getLogger("lab")
     root.addHandler(h)
     try:

@@ -141,6 +141,10 @@ class Registry:
                 continue
         return out
 
+    def live(self) -> list[dict[str, Any]]:
+        """The records of labs whose owner still runs."""
+        return [r for r in self.records() if alive(int(r.get("owner_pid", 0)))]
+
     def reap(self) -> list[str]:
         """Kill what labs whose owner died left behind; return what was done."""
         done = []

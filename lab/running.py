@@ -188,13 +188,8 @@ def _sessions(run_dir: Path, level: str) -> list[SSHSession]:
     if dead:
         raise SSHError(f"{dead}; see {run_dir}/{level}.console.log and `lab status`",
                        level=level)
-    chain = []
-    name: str | None = level
-    while name:
-        chain.append(name)
-        name = levels[name].get("via")
     sessions: list[SSHSession] = []
-    for name in reversed(chain):
+    for name in reversed(access.chain(levels, level)):
         lv = levels[name]
         s = SSHSession(name, int(lv["port"]), Path(st["key_file"]), lv["host_key"],
                        via=sessions[-1] if sessions else None)

@@ -204,9 +204,9 @@ def write(suite: Suite, run_dir: Path, runs: list[tuple[Entry, Path, dict[str, A
         "name": suite.name, "suite": str(suite.path), "exit_status": code,
         "status": {0: "passed", 1: "failed"}.get(code, "error"), "seconds": round(seconds, 3),
         "runs": [{"playbook": str(e.playbook), "expect": e.expect, "status": r["status"],
-                  "exit_status": r.get("exit_status"), "met": e.outcome(r)[0],
-                  "why": e.outcome(r)[1], "run_dir": str(d),
-                  "seconds": r.get("phases", {}).get("total")} for e, d, r in runs],
+                  "exit_status": r.get("exit_status"), "met": met, "why": why,
+                  "run_dir": str(d), "seconds": r.get("phases", {}).get("total")}
+                 for e, d, r in runs for met, why in [e.outcome(r)]],
         "specificity": specificity(runs),
     }
     (run_dir / "report.json").write_text(json.dumps(summary, indent=1) + "\n")

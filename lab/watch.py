@@ -107,6 +107,3 @@ class Watch:
     def to_dicts(self) -> list[dict[str, Any]]:
         with self._lock:
             return [ev.to_dict() for ev in self.events]
-
-    def unexpected(self) -> list[Event]:
-        return [ev for ev in self.events if not ev.expected]
