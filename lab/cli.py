@@ -168,7 +168,8 @@ def cmd_cache(args: argparse.Namespace) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     _install_signal_handlers()
-    return driver.run(Path(args.playbook), args.out, args.profile, args.kernel_tree, args.cold)
+    return driver.run(Path(args.playbook), args.out, args.profile,
+                      driver.Inputs.from_args(args.kernel_tree, args.kvm_unit_tests), args.cold)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -180,8 +181,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     t0 = time.monotonic()
     pb = playbook.load(Path(args.playbook))
     profile = driver.profile_for(args.profile, pb.profile)
-    rep = driver.run_playbook(pb, Path(args.out).resolve(), profile,
-                              driver.kernel_tree(args.kernel_tree), hold=args.hold,
+    inputs = driver.Inputs.from_args(args.kernel_tree, args.kvm_unit_tests)
+    inputs.check(pb)
+    rep = driver.run_playbook(pb, Path(args.out).resolve(), profile, inputs, hold=args.hold,
                               cold=args.cold, serve=True, started=t0)
     print(summary(rep), file=sys.stderr)
     return rep.exit_status
@@ -228,6 +230,9 @@ def build_parser() -> argparse.ArgumentParser:
         r.add_argument("--out", help="run directory (default runs/<time>-<playbook>)")
         r.add_argument("--profile", choices=profiles, help="override the playbook's profile")
         r.add_argument("--kernel-tree", help="boot L0 from this kernel build tree")
+        r.add_argument("--kvm-unit-tests", metavar="DIR",
+                       help="your kvm-unit-tests build, for the playbook's kvm_unit_tests steps "
+                            "(default: kvm_unit_tests in the config file)")
         r.add_argument("--cold", action="store_true",
                        help="boot every level, never restore a saved lab (one is still saved "
                             "unless the playbook says snapshot: off)")

@@ -3,6 +3,7 @@
     profile: tcg-svm          # for playbooks that say `auto`, when no --profile is given
     cache: /srv/lab-cache     # the cache (LAB_CACHE, when set, still wins)
     runs: ~/lab-runs          # where run directories go without --out
+    kvm_unit_tests: ~/src/kvm-unit-tests   # your build, for kvm_unit_tests steps
 
 The file is trusted like the cache it names (the lab builds and boots what is there): it must
 be this user's and writable by nobody else, or it is refused.
@@ -23,6 +24,7 @@ SPEC = schema.Map({
     "profile": schema.Field(schema.Str(choices=tuple(PROFILES)), default=None),
     "cache": schema.Field(schema.Str(max_len=4096), default=None),
     "runs": schema.Field(schema.Str(max_len=4096), default=None),
+    "kvm_unit_tests": schema.Field(schema.Str(max_len=4096), default=None),
 })
 
 
@@ -31,6 +33,7 @@ class Config:
     profile: str | None = None
     cache: Path | None = None
     runs: Path | None = None
+    kvm_unit_tests: Path | None = None  # a kvm-unit-tests build, for kvm_unit_tests steps
 
 
 def path() -> Path:
@@ -52,4 +55,5 @@ def load() -> Config:
     def where(key: str) -> Path | None:
         return Path(data[key]).expanduser() if data[key] else None
 
-    return Config(profile=data["profile"], cache=where("cache"), runs=where("runs"))
+    return Config(profile=data["profile"], cache=where("cache"), runs=where("runs"),
+                  kvm_unit_tests=where("kvm_unit_tests"))

@@ -11,6 +11,7 @@ import datetime
 import logging
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 from lab import access, config, doctor, playbook, procs, suite
@@ -75,6 +76,37 @@ def kernel_tree(arg: str | None) -> Path | None:
     return tree
 
 
+@dataclass(frozen=True)
+class Inputs:
+    """What the user gives a run from the host, on the command line or in the config file:
+    never from a playbook, which is data."""
+
+    kernel_tree: Path | None = None
+    kvm_unit_tests: Path | None = None  # a kvm-unit-tests build directory
+
+    @classmethod
+    def from_args(cls, kernel_tree_arg: str | None, kut_arg: str | None) -> Inputs:
+        kut = kut_arg or config.load().kvm_unit_tests
+        return cls(kernel_tree=kernel_tree(kernel_tree_arg),
+                   kvm_unit_tests=Path(kut).expanduser().resolve() if kut else None)
+
+    def check(self, pb: playbook.Playbook) -> None:
+        """Every input the playbook's steps need is given and names what they ask for:
+        a bad one is an error before anything boots."""
+        from lab.peers import kut
+
+        for st in pb.steps:
+            if st.kvm_unit_tests is None:
+                continue
+            if self.kvm_unit_tests is None:
+                raise UsageError(f"{st.kvm_unit_tests.where}: needs a kvm-unit-tests build; "
+                                 "give --kvm-unit-tests DIR (or kvm_unit_tests: DIR in "
+                                 f"{config.path()})")
+            build = kut.load_build(self.kvm_unit_tests)
+            kut.flat_files(build, build.select(st.kvm_unit_tests.tests,
+                                               st.kvm_unit_tests.groups, st.kvm_unit_tests.where))
+
+
 def log_format() -> logging.Formatter:
     """`[lab HH:MM:SS] message`: the lab's lines on stderr and in RUN/lab.log alike."""
     return logging.Formatter("[lab %(asctime)s] %(message)s", "%H:%M:%S")
@@ -94,7 +126,7 @@ def run_log(run_dir: Path) -> Iterator[None]:
         h.close()
 
 
-def run_playbook(pb: playbook.Playbook, run_dir: Path, profile: Profile, tree: Path | None,
+def run_playbook(pb: playbook.Playbook, run_dir: Path, profile: Profile, inputs: Inputs,
                  hold: bool = False, cold: bool = False, serve: bool = False,
                  started: float | None = None) -> Report:
     """One playbook's lab, start to end (or, `serve`, until `lab down`). `started`: when
@@ -102,7 +134,7 @@ def run_playbook(pb: playbook.Playbook, run_dir: Path, profile: Profile, tree: P
     from lab.lab import Lab
     from lab.running import serve_until_stopped
 
-    lab = Lab(pb, run_dir, profile, cache_root(), kernel_tree=tree, hold=hold, cold=cold)
+    lab = Lab(pb, run_dir, profile, cache_root(), inputs=inputs, hold=hold, cold=cold)
     lab.report.phases["validate"] = round(time.monotonic() - (started or lab.t0), 3)
     if serve:  # the supervisor's stderr is RUN/lab.log already
         return lab.run(serve=serve_until_stopped)
@@ -110,25 +142,26 @@ def run_playbook(pb: playbook.Playbook, run_dir: Path, profile: Profile, tree: P
         return lab.run()
 
 
-def run(path: Path, out: str | None, profile_name: str | None, tree_arg: str | None,
+def run(path: Path, out: str | None, profile_name: str | None, inputs: Inputs,
         cold: bool) -> int:
     """`lab run`: a playbook or a suite; the exit status."""
     t0 = time.monotonic()
     if suite.is_suite(path):
-        return run_suite(path, out, profile_name, tree_arg, cold)
+        return run_suite(path, out, profile_name, inputs, cold)
     pb = playbook.load(path)
     profile = profile_for(profile_name, pb.profile)
-    rep = run_playbook(pb, new_run_dir(out, pb.name), profile, kernel_tree(tree_arg),
-                       cold=cold, started=t0)
+    inputs.check(pb)
+    rep = run_playbook(pb, new_run_dir(out, pb.name), profile, inputs, cold=cold, started=t0)
     print(summary(rep))
     return rep.exit_status
 
 
-def run_suite(path: Path, out: str | None, profile_name: str | None, tree_arg: str | None,
+def run_suite(path: Path, out: str | None, profile_name: str | None, inputs: Inputs,
               cold: bool) -> int:
     t0 = time.monotonic()
     s = suite.load(path)  # validates every playbook before anything boots
-    tree = kernel_tree(tree_arg)
+    for entry in s.entries:
+        inputs.check(playbook.load(entry.playbook))
     run_dir = new_run_dir(out, s.name)
     runs = []
     for i, entry in enumerate(s.entries):
@@ -138,7 +171,7 @@ def run_suite(path: Path, out: str | None, profile_name: str | None, tree_arg: s
         sub_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         log.info(f"suite {s.name}: [{i + 1}/{len(s.entries)}] {pb.name} "
                  f"(expect {entry.expect})")
-        rep = run_playbook(pb, sub_dir, profile, tree, cold=cold, started=time.monotonic())
+        rep = run_playbook(pb, sub_dir, profile, inputs, cold=cold, started=time.monotonic())
         print(summary(rep))
         runs.append((entry, sub_dir, rep.to_dict()))
         if rep.error and rep.error.get("kind") == "aborted":

@@ -42,8 +42,14 @@ BASE_BINARIES = {
     "usr/lib/sftp-server": "/usr/lib/openssh/sftp-server",
 }
 QEMU_BINARY = "/usr/bin/qemu-system-x86_64"
-# What a nested QEMU reads with -nodefaults, -kernel and SeaBIOS.
-QEMU_FIRMWARE = ["bios-256k.bin", "kvmvapic.bin", "linuxboot.bin", "linuxboot_dma.bin"]
+# What a nested QEMU reads with -nodefaults, -kernel and SeaBIOS; multiboot_dma.bin loads a
+# multiboot -kernel (kvm-unit-tests' .flat files).
+QEMU_FIRMWARE = ["bios-256k.bin", "kvmvapic.bin", "linuxboot.bin", "linuxboot_dma.bin",
+                 "multiboot_dma.bin", "keymaps/en-us"]  # -vnc none still reads its keymap
+# Debian builds TCG as a loadable module: a level's QEMU with accel=tcg (a kvm-unit-tests
+# section may ask for it) needs it.
+QEMU_MODULES = {"usr/lib/x86_64-linux-gnu/qemu/accel-tcg-x86_64.so":
+                "/usr/lib/x86_64-linux-gnu/qemu/accel-tcg-x86_64.so"}
 
 DEFAULT_MODULES = ["virtio_pci", "virtio_net", "kvm_amd", "kvm_intel", "button", "evdev"]
 
@@ -169,11 +175,13 @@ class Builder:
         self.cache = cache
 
     def build(self, recipe: Recipe, child: BuiltImage | None = None,
-              with_debug: bool = True) -> BuiltImage:
-        """Build (or find in the cache) the image for `recipe`, carrying `child` if given."""
+              with_debug: bool = True, qemu: bool = False) -> BuiltImage:
+        """Build (or find in the cache) the image for `recipe`, carrying `child` if given,
+        and QEMU if it has a child or `qemu` says so."""
         t0 = time.monotonic()
         kernel = recipe.kernel.fetch(self.cache)
-        plan = self._plan(recipe, kernel.module_root, kernel.release, child)
+        plan = self._plan(recipe, kernel.module_root, kernel.release, child,
+                          qemu or child is not None)
         key = plan.key({
             "format": FORMAT, "recipe": recipe.text, "kernel": kernel.identity,
             "child": child.key if child else None,
@@ -209,7 +217,7 @@ class Builder:
                 "kernel": {"release": kernel.release, "source": kernel.label,
                            "identity": kernel.identity},
                 "modules": [m[0] for m in plan.modules],
-                "carries_qemu": child is not None,
+                "carries_qemu": qemu or child is not None,
                 "child": {"key": child.key, "recipe": child.manifest["recipe"]} if child else None,
                 "host_key": host_pub,
                 "initrd_bytes": (tmp / "initrd.cpio").stat().st_size,
@@ -232,7 +240,7 @@ class Builder:
         return debug
 
     def _plan(self, recipe: Recipe, module_root: Path, release: str,
-              child: BuiltImage | None) -> Plan:
+              child: BuiltImage | None, qemu: bool) -> Plan:
         plan = Plan()
         for dest, binary in BASE_BINARIES.items():
             plan.add_binary(dest, binary)
@@ -265,8 +273,10 @@ class Builder:
         plan.data[f"lib/modules/{release}/modules.dep"] = (_modules_dep(plan, release), 0o644)
         # What rcS loads at boot, in the recipe's order (dependencies come through modprobe).
         plan.data["etc/lab/modules"] = ("\n".join(recipe.modules).encode() + b"\n", 0o644)
-        if child is not None:
+        if qemu:
             plan.add_binary("usr/bin/qemu-system-x86_64", QEMU_BINARY)
+            for dest, src in QEMU_MODULES.items():
+                plan.add_binary(dest, src)
             for fw in QEMU_FIRMWARE:
                 # Debian keeps SeaBIOS in its own package's directory.
                 for d in ("/usr/share/qemu", "/usr/share/seabios"):
@@ -276,6 +286,7 @@ class Builder:
                         break
                 else:
                     raise LabError(f"QEMU firmware {fw} is missing on this host (see `lab doctor`)")
+        if child is not None:
             plan.files["lab/child/vmlinuz"] = child.kernel
             plan.files["lab/child/initrd.cpio"] = child.initrd
         return plan

@@ -168,7 +168,7 @@ def _download(pkg: AptPackage, dest: Path) -> Path:
     return deb
 
 
-def _fetch_unpacked(pkg: AptPackage, cache: Path, dest: Path,
+def fetch_unpacked(pkg: AptPackage, cache: Path, dest: Path,
                     patterns: list[str] | None = None) -> None:
     """A package unpacked at `dest` (or its members matching `patterns`): downloaded only if
     it is not unpacked yet, and the .deb not kept once it is (the lab reads only what it
@@ -227,7 +227,7 @@ class DebianKernel:
         rel = self.release()
         root = cache / "kernels" / f"{rel}_{pkg.version}"
         with locked(cache / "kernels" / f"{rel}.lock"):
-            _fetch_unpacked(pkg, cache, root)
+            fetch_unpacked(pkg, cache, root)
         return KernelFiles(release=rel, label=f"debian {pkg.name}={pkg.version}",
                            bzimage=root / "boot" / f"vmlinuz-{rel}",
                            module_root=root / "lib" / "modules" / rel / "kernel",
@@ -242,7 +242,7 @@ class DebianKernel:
                 dbg = apt_show(f"linux-image-{rel}-dbg", pkg.version)
                 # 1.7 GB unpacked in full; vmlinux, System.map and the KVM modules are what
                 # the lab uses.
-                _fetch_unpacked(dbg, cache, root, [
+                fetch_unpacked(dbg, cache, root, [
                     "./usr/lib/debug/boot/*",
                     f"./usr/lib/debug/lib/modules/{rel}/kernel/arch/x86/kvm/*",
                     f"./usr/lib/debug/lib/modules/{rel}/kernel/virt/*"])
@@ -273,7 +273,7 @@ class DebianKernel:
                 tmp = root.with_name(root.name + ".tmp")
                 shutil.rmtree(tmp, ignore_errors=True)
                 for p in wanted:
-                    _fetch_unpacked(p, cache, tmp / p.name)
+                    fetch_unpacked(p, cache, tmp / p.name)
                 merged = tmp / "root"
                 for p in wanted:
                     _run(["cp", "-a", f"{tmp / p.name}/.", str(merged)], "merging headers")

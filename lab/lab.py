@@ -24,6 +24,7 @@ from typing import Any
 
 from lab import access, hostspeed, inject, procs, steps, warm
 from lab.decode import Symbols, decode
+from lab.driver import Inputs
 from lab.errors import Aborted, LabError, UsageError, error_dict
 from lab.events import Event
 from lab.image import Builder, BuiltImage, load_recipe
@@ -33,6 +34,7 @@ from lab.levels import PROGRESS_WINDOW, LevelState, checker, open_session, wait_
 from lab.machines import base as machines
 from lab.machines import nested
 from lab.machines.qemu import VMSpec
+from lab.peers import kut, selftests
 from lab.playbook import Playbook, Step
 from lab.probes import checks
 from lab.probes.rig import Rig
@@ -46,14 +48,15 @@ log = logging.getLogger(__name__)
 
 class Lab:
     def __init__(self, playbook: Playbook, run_dir: Path, profile: Profile, cache: Path,
-                 kernel_tree: Path | None = None, hold: bool = False,
+                 inputs: Inputs | None = None, hold: bool = False,
                  cold: bool = False) -> None:
         # The playbook as this profile runs it (L0's image, probe backend, boot timeouts).
         self.pb = playbook.for_profile(profile)
         self.run_dir = run_dir
         self.profile = profile
         self.cache = cache
-        self.kernel_tree = kernel_tree
+        self.inputs = inputs or Inputs()
+        kernel_tree = self.kernel_tree = self.inputs.kernel_tree
         self.hold = hold
         self.cold = cold  # --cold: never restore a saved lab (one may still be saved)
         self.t0 = time.monotonic()
@@ -83,6 +86,7 @@ class Lab:
                        on_owner=self._on_gdbstub_owner, on_hold=self._on_hold)
         self.l0_kernel: KernelSource | None = None  # what a module for L0 is built against
         self.l0_symbols: RunningKernel | None = None
+        self.selftests_built: dict[str, selftests.Built] = {}  # level -> its kernel's tests
         self.phase = "validate"
 
     @property
@@ -239,12 +243,21 @@ class Lab:
             recipe = load_recipe(st.level.recipe, kernel_tree=tree)
             if name == "l0":
                 self.l0_kernel = recipe.kernel
-            st.image = builder.build(recipe, child=child)
+            st.image = builder.build(recipe, child=child, qemu=st.level.qemu)
             child = st.image
             self.report.levels[name] = {
                 "image": st.image.dir.name, "kernel": st.image.manifest["kernel"],
                 "memory_mb": st.level.memory_mb, "cpus": st.level.cpus, "timeline": {}}
         self.report.levels = {n: self.report.levels[n] for n in self.levels}  # topology order
+        # The KVM selftests of each level's kernel that a step runs, built before anything
+        # boots: a test the kernel does not have is an error now, not after the boot.
+        for step in self.pb.steps:
+            if step.selftests is None or step.on in self.selftests_built:
+                continue
+            tree = self.kernel_tree if step.on == "l0" else None
+            kernel = load_recipe(self.levels[step.on].level.recipe, kernel_tree=tree).kernel
+            built = self.selftests_built[step.on] = selftests.build(kernel, self.cache)
+            built.select(step.selftests.tests, self.profile.vendor, step.selftests.where)
 
     # -- boot ------------------------------------------------------------------------------
     def boot(self) -> None:
@@ -425,9 +438,16 @@ class Lab:
             assert ssh is not None
             self.watch.step = step  # its expected events are expected while it runs
             try:
-                steps.run(step, i, ssh, steps_dir, self.speed.factor, self.check,
-                          into=self.report.steps,
-                          missing_events=functools.partial(self._missing, step))
+                run: Callable[..., object] = steps.run
+                if step.kvm_unit_tests is not None:
+                    assert self.inputs.kvm_unit_tests is not None  # Inputs.check said so
+                    run = functools.partial(kut.run, build=kut.load_build(
+                        self.inputs.kvm_unit_tests))
+                elif step.selftests is not None:
+                    run = functools.partial(selftests.run, built=(
+                        self.selftests_built[step.on], self.profile.vendor))
+                run(step, i, ssh, steps_dir, self.speed.factor, self.check,
+                    into=self.report.steps, missing_events=functools.partial(self._missing, step))
             finally:
                 self.watch.step = None
             self.check()

@@ -44,6 +44,8 @@ LEVEL_SPEC = schema.Map({
         key_check=_is_name, key_what="a module name (letters, digits, _)"), default=None),
     "boot_timeout": schema.Field(schema.Int(minimum=1), default=None),
     "kaslr": schema.Field(schema.Bool(), default=False),
+    # Carry QEMU and its firmware without a child level (kvm-unit-tests steps imply it).
+    "qemu": schema.Field(schema.Bool(), default=False),
 })
 
 # A kernel event (lab/events.py) the playbook, or a step, says will come: it is recorded and
@@ -67,11 +69,27 @@ CHECK_SPEC = schema.Map({
     "at_least": schema.Field(schema.Int(minimum=0, maximum=1000000), default=1),
 })
 
+# The peer suites as steps (lab/peers/): sections of the user's kvm-unit-tests build, tests of
+# the KVM selftests the lab builds for the level's kernel. Names only: where the build lives is
+# the user's to say (--kvm-unit-tests), never a playbook's.
+_TEST_NAME = schema.Str(pattern=r"[A-Za-z0-9_][A-Za-z0-9_.+-]{0,99}",
+                        pattern_what="a test's name (letters, digits, '_', '.', '+', '-')")
+KVM_UNIT_TESTS_SPEC = schema.Map({
+    "tests": schema.Field(schema.List(_TEST_NAME), default=None),
+    "groups": schema.Field(schema.List(_TEST_NAME), default=None),
+})
+SELFTESTS_SPEC = schema.Map({
+    "tests": schema.Field(schema.List(_TEST_NAME), default=None),
+})
+STEP_KINDS = ("run", "kvm_unit_tests", "selftests")
+
 STEP_SPEC = schema.Map({
     "name": schema.Field(schema.Str(max_len=200)),
     "on": schema.Field(schema.Str(choices=LEVELS), default="l0"),
     "run": schema.Field(schema.Str(multiline=True, nonempty=True, pattern_what="a command"),
-                        required=True),
+                        default=None),
+    "kvm_unit_tests": schema.Field(KVM_UNIT_TESTS_SPEC, default=None),
+    "selftests": schema.Field(SELFTESTS_SPEC, default=None),
     "expect": schema.Field(schema.Int(minimum=0, maximum=255), default=0),
     "timeout": schema.Field(schema.Int(minimum=1), default=120),
     "tap": schema.Field(schema.Bool(), default=False),
@@ -112,6 +130,7 @@ class Level:
     boot_timeout: int
     line: int
     kaslr: bool = False  # boot with KASLR (the default is nokaslr); gdb relocates the symbols
+    qemu: bool = False  # carries QEMU and its firmware even without a child
     image_given: bool = True  # False: `image` is the default, and a profile may choose another
     timeout_given: bool = True  # False: `boot_timeout` is the default, scaled by the profile
 
@@ -130,6 +149,18 @@ class Step:
     line: int
     tap: bool = False
     expect_events: list[Expected] = field(default_factory=list)  # must come while it runs
+    # A peer-suite step instead of a command: which tests (empty: the runner's defaults).
+    kvm_unit_tests: PeerTests | None = None
+    selftests: PeerTests | None = None
+
+
+@dataclass
+class PeerTests:
+    """The tests a kvm_unit_tests or selftests step asks for, by name or by group."""
+
+    tests: list[str] = field(default_factory=list)
+    groups: list[str] = field(default_factory=list)
+    where: str = ""  # FILE:LINE: steps[i].KIND, for errors found once the build is known
 
 
 @dataclass
@@ -269,7 +300,8 @@ def load(path: Path) -> Playbook:
             memory_mb=lv["memory"] or DEFAULT_MEMORY[name], cpus=lv["cpus"],
             append=lv["append"], modules={m: dict(p) for m, p in (lv["modules"] or {}).items()},
             boot_timeout=lv["boot_timeout"] or DEFAULT_BOOT_TIMEOUT[name],
-            line=topo.lines[name], kaslr=lv["kaslr"], image_given=lv["image"] is not None,
+            line=topo.lines[name], kaslr=lv["kaslr"], qemu=lv["qemu"],
+            image_given=lv["image"] is not None,
             timeout_given=lv["boot_timeout"] is not None)
     for name, lv in levels.items():
         parent = lv.parent
@@ -291,10 +323,23 @@ def load(path: Path) -> Playbook:
         if st["on"] not in levels:
             raise UsageError(f"{st.where('on')}: steps[{i}].on: level {st['on']} is not in "
                              f"the topology (expected one of {', '.join(levels)})")
-        steps.append(Step(name=st["name"] or f"step {i + 1}", on=st["on"], run=st["run"],
+        kinds = [k for k in STEP_KINDS if st[k] is not None]
+        if len(kinds) != 1:
+            raise UsageError(f"{st.where()}: steps[{i}]: expected exactly one of "
+                             f"{', '.join(STEP_KINDS)}, got {', '.join(kinds) or 'none'}")
+        peer = {k: PeerTests(tests=list(st[k]["tests"] or []),
+                             groups=list(st[k].get("groups") or []),
+                             where=f"{st.where(k)}: steps[{i}].{k}")
+                for k in STEP_KINDS[1:] if st[k] is not None}
+        if "kvm_unit_tests" in peer:
+            # Each section is a QEMU inside the level, as run_tests.sh starts it.
+            levels[st["on"]].qemu = True
+        default_name = f"step {i + 1}" if kinds[0] == "run" else kinds[0].replace("_", "-")
+        steps.append(Step(name=st["name"] or default_name, on=st["on"], run=st["run"] or "",
                           expect=st["expect"], timeout=st["timeout"], line=st.line,
                           tap=st["tap"],
-                          expect_events=_expected(st["expect_events"], levels, f"steps[{i}]")))
+                          expect_events=_expected(st["expect_events"], levels, f"steps[{i}]"),
+                          **peer))
     probes = list(data["probes"] or [])
     load_probes(probes, "amd")  # validates; the lab expands the sets for the real vendor
     probe_names = {p.name for v in ("amd", "intel") for p in load_probes(probes, v)}

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 
 from lab import access, alerts, playbook, procs, suite
 from lab.deadline import wait_until
-from lab.driver import new_run_dir
+from lab.driver import Inputs, new_run_dir
 from lab.errors import EXIT_INFRA, CommandTimeout, LabError, SSHError, UsageError
 from lab.probes import held
 from lab.profiles import get_profile
@@ -74,6 +74,10 @@ def up(args: argparse.Namespace) -> int:
         cmd += ["--profile", args.profile]
     if args.kernel_tree:
         cmd += ["--kernel-tree", str(Path(args.kernel_tree).resolve())]
+    inputs = Inputs.from_args(args.kernel_tree, args.kvm_unit_tests)
+    inputs.check(pb)
+    if inputs.kvm_unit_tests:
+        cmd += ["--kvm-unit-tests", str(inputs.kvm_unit_tests)]
     if args.hold:
         cmd.append("--hold")
     if args.cold:

@@ -18,7 +18,7 @@ from lab import tap
 from lab.errors import LabError
 from lab.playbook import Step
 from lab.report import StepResult
-from lab.ssh import SSHSession
+from lab.ssh import RunResult, SSHSession
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +46,11 @@ def verdict(step: Step, exit_status: int, stdout: str,
             v.status, v.message = "failed", parsed.problems()
     if v.status == "passed" and exit_status != step.expect:
         v.status, v.message = "failed", f"exit status {exit_status}, expected {step.expect}"
+    return with_events(v, missing_events)
+
+
+def with_events(v: Verdict, missing_events: list[str] | None) -> Verdict:
+    """`v`, failed if a kernel event the step expected did not come."""
     if v.status == "passed" and missing_events:
         v.status = "failed"
         v.message = f"expected kernel event(s) did not come: {'; '.join(missing_events)}"
@@ -54,11 +59,12 @@ def verdict(step: Step, exit_status: int, stdout: str,
 
 def run(step: Step, index: int, ssh: SSHSession, steps_dir: Path, speed_factor: float,
         check: Callable[[], None], into: list[StepResult],
-        missing_events: Callable[[], list[str]] = lambda: []) -> StepResult:
+        missing_events: Callable[[], list[str]] = lambda: [],
+        judge: Callable[[RunResult], Verdict] | None = None) -> StepResult:
     """Run one step and judge it; its result goes `into` the list before it runs, so that a
     LabError (SSH gone, a level crashed, the timeout) leaves it there, as an error.
     `missing_events()`, once the command ended: the expected kernel events that did not
-    come."""
+    come. `judge`: how a peer suite's runner reads the output (default: `verdict`)."""
     log.info(f"[{step.on}] {step.name}: {step.run.strip().splitlines()[0]}")
     # The step's timeout was written for the reference host: scaled to this one.
     timeout = round(step.timeout * speed_factor, 1)
@@ -81,7 +87,10 @@ def run(step: Step, index: int, ssh: SSHSession, steps_dir: Path, speed_factor: 
     res.exit_status, res.stdout, res.stderr = r.exit_status, r.stdout, r.stderr
     res.stdout_bytes, res.stderr_bytes = r.stdout_bytes, r.stderr_bytes
     res.seconds = round(r.seconds, 3)
-    v = verdict(step, r.exit_status, r.stdout, missing_events())
+    if judge is None:
+        v = verdict(step, r.exit_status, r.stdout, missing_events())
+    else:
+        v = with_events(judge(r), missing_events())
     res.status, res.message, res.cases = v.status, v.message, v.cases
     if res.status == "failed":
         log.info(f"  FAILED: {res.message}\n{_indent(r.stdout + r.stderr)}")
