@@ -97,6 +97,7 @@ PARTS = {
     "headers": ("unpacked kernel headers, for building modules", False),
     "downloads": ("downloaded packages (not needed once unpacked)", True),
     "tools": ("the guest programs, built", True),
+    "selftests": ("KVM selftests built per kernel (selftests steps)", True),
     "pvhboot": ("the multiboot loader for Bochs's PVH entry", True),
     "keys": ("the lab's SSH client key", False),
     "run": ("running labs: sockets and records", False),

@@ -75,9 +75,41 @@ def test_wrong_type(tmp_path: Path) -> None:
     assert ":13: steps[0].timeout: expected an integer >= 1, got 'soon'" in msg
 
 
-def test_missing_required(tmp_path: Path) -> None:
+def test_a_step_is_exactly_one_kind(tmp_path: Path) -> None:
     msg = error_of(tmp_path, GOOD.replace("    run: echo hi\n", ""))
-    assert "steps[0].run: missing required field" in msg
+    assert msg.endswith(":9: steps[0]: expected exactly one of run, kvm_unit_tests, "
+                        "selftests, got none")
+    msg = error_of(tmp_path, GOOD.replace("    run: echo hi\n",
+                                          "    run: echo hi\n    selftests: {}\n"))
+    assert msg.endswith("got run, selftests")
+
+
+def test_peer_steps_name_tests_never_paths(tmp_path: Path) -> None:
+    pb = playbook.load(make(tmp_path, GOOD.replace(
+        "    run: echo hi\n", "    kvm_unit_tests: {tests: [svm, vmx_apic]}\n")))
+    st = pb.steps[0]
+    assert st.kvm_unit_tests is not None and st.kvm_unit_tests.tests == ["svm", "vmx_apic"]
+    assert pb.levels["l1"].qemu and not pb.levels["l0"].qemu  # QEMU goes where it runs
+    msg = error_of(tmp_path, GOOD.replace(
+        "    run: echo hi\n", "    kvm_unit_tests: {dir: /home/me/kut}\n"))
+    assert "steps[0].kvm_unit_tests.dir: unknown key (expected one of: tests, groups)" in msg
+    msg = error_of(tmp_path, GOOD.replace(
+        "    run: echo hi\n", "    selftests: {tests: [../../bin/sh]}\n"))
+    assert "steps[0].selftests.tests[0]: expected a test's name" in msg
+
+
+def test_kvm_unit_tests_step_needs_a_build(tmp_path: Path) -> None:
+    p = make(tmp_path, GOOD.replace("    run: echo hi\n", "    kvm_unit_tests: {}\n"))
+    env = {"XDG_CONFIG_HOME": str(tmp_path / "cfg"), "PATH": "/usr/bin:/bin"}
+    r = subprocess.run([sys.executable, "-m", "lab", "run", str(p), "--out",
+                        str(tmp_path / "r")], capture_output=True, text=True, timeout=60,
+                       env=env)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert "steps[0].kvm_unit_tests: needs a kvm-unit-tests build; give --kvm-unit-tests" \
+        in r.stderr
+    r = subprocess.run([sys.executable, "-m", "lab", "run", str(p), "--kvm-unit-tests",
+                        str(tmp_path)], capture_output=True, text=True, timeout=60, env=env)
+    assert r.returncode == 2 and "no x86/unittests.cfg there" in r.stderr
 
 
 def test_missing_image_file(tmp_path: Path) -> None:
