@@ -154,7 +154,7 @@ def test_build_must_be_this_users(tmp_path: Path) -> None:
     os.chmod(tmp_path / "x86", 0o777)
     with pytest.raises(UsageError, match="writable by another user"):
         kut.load_build(tmp_path)
-    with pytest.raises(UsageError, match="no x86/unittests.cfg there"):
+    with pytest.raises(UsageError, match=r"no x86/unittests\.cfg there"):
         kut.load_build(tmp_path / "x86")
 
 
