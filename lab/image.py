@@ -275,8 +275,8 @@ class Builder:
         plan.data["etc/lab/modules"] = ("\n".join(recipe.modules).encode() + b"\n", 0o644)
         if qemu:
             plan.add_binary("usr/bin/qemu-system-x86_64", QEMU_BINARY)
-            for dest, src in QEMU_MODULES.items():
-                plan.add_binary(dest, src)
+            for dest, module in QEMU_MODULES.items():
+                plan.add_binary(dest, module)
             for fw in QEMU_FIRMWARE:
                 # Debian keeps SeaBIOS in its own package's directory.
                 for d in ("/usr/share/qemu", "/usr/share/seabios"):
