@@ -169,7 +169,8 @@ def cmd_cache(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     _install_signal_handlers()
     return driver.run(Path(args.playbook), args.out, args.profile,
-                      driver.Inputs.from_args(args.kernel_tree, args.kvm_unit_tests), args.cold)
+                      driver.Inputs.from_args(args.kernel_tree, args.kvm_unit_tests), args.cold,
+                      tap_out=args.tap)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -236,7 +237,11 @@ def build_parser() -> argparse.ArgumentParser:
         r.add_argument("--cold", action="store_true",
                        help="boot every level, never restore a saved lab (one is still saved "
                             "unless the playbook says snapshot: off)")
-        if name != "run":
+        if name == "run":
+            r.add_argument("--tap", action="store_true",
+                           help="print the results as TAP on stdout (the summary goes to "
+                                "stderr), a line per testcase of junit.xml")
+        else:
             r.add_argument("--hold", action="store_true",
                            help="start L0 with its CPUs held until a debugger continues")
         r.set_defaults(func=func)

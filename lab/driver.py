@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import logging
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -143,21 +144,37 @@ def run_playbook(pb: playbook.Playbook, run_dir: Path, profile: Profile, inputs:
 
 
 def run(path: Path, out: str | None, profile_name: str | None, inputs: Inputs,
-        cold: bool) -> int:
-    """`lab run`: a playbook or a suite; the exit status."""
+        cold: bool, tap_out: bool = False) -> int:
+    """`lab run`: a playbook or a suite; the exit status. `tap_out`: stdout is the result as
+    TAP (from the run's junit.xml), and the summary goes to stderr."""
     t0 = time.monotonic()
     if suite.is_suite(path):
-        return run_suite(path, out, profile_name, inputs, cold)
+        return run_suite(path, out, profile_name, inputs, cold, tap_out)
     pb = playbook.load(path)
     profile = profile_for(profile_name, pb.profile)
     inputs.check(pb)
     rep = run_playbook(pb, new_run_dir(out, pb.name), profile, inputs, cold=cold, started=t0)
-    print(summary(rep))
+    print(summary(rep), file=sys.stderr if tap_out else sys.stdout)
+    if tap_out:
+        _print_tap(Path(rep.run_dir))
     return rep.exit_status
 
 
+def _print_tap(run_dir: Path) -> None:
+    import xml.etree.ElementTree as ET
+
+    from lab import tap
+
+    try:
+        root = ET.parse(run_dir / "junit.xml").getroot()
+    except (OSError, ET.ParseError) as e:  # a run that ended before it wrote one
+        print(f"TAP version 13\n1..0 # SKIP no results ({e})")
+        return
+    sys.stdout.write(tap.from_junit(root))
+
+
 def run_suite(path: Path, out: str | None, profile_name: str | None, inputs: Inputs,
-              cold: bool) -> int:
+              cold: bool, tap_out: bool = False) -> int:
     t0 = time.monotonic()
     s = suite.load(path)  # validates every playbook before anything boots
     for entry in s.entries:
@@ -172,14 +189,17 @@ def run_suite(path: Path, out: str | None, profile_name: str | None, inputs: Inp
         log.info(f"suite {s.name}: [{i + 1}/{len(s.entries)}] {pb.name} "
                  f"(expect {entry.expect})")
         rep = run_playbook(pb, sub_dir, profile, inputs, cold=cold, started=time.monotonic())
-        print(summary(rep))
+        print(summary(rep), file=sys.stderr if tap_out else sys.stdout)
         runs.append((entry, sub_dir, rep.to_dict()))
         if rep.error and rep.error.get("kind") == "aborted":
             break
     code = suite.write(s, run_dir, runs, time.monotonic() - t0)
+    text = sys.stderr if tap_out else sys.stdout
     for entry, _, r in runs:
         met, why = entry.outcome(r)
-        print(f"  {'met ' if met else 'NOT '} {entry.playbook.name}: {why}")
+        print(f"  {'met ' if met else 'NOT '} {entry.playbook.name}: {why}", file=text)
     print(f"{s.name}: {'PASSED' if code == 0 else 'FAILED'} (exit {code}); "
-          f"{run_dir}/junit.xml, {run_dir}/report.html")
+          f"{run_dir}/junit.xml, {run_dir}/report.html", file=text)
+    if tap_out:
+        _print_tap(run_dir)
     return code

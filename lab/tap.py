@@ -12,6 +12,7 @@ description is the name, so that names stay unique.
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -143,3 +144,48 @@ def _parse_level(lines: list[str], base: int) -> TapResult:
         cases.append(TapCase(0, "(all)", "skipped", skip_all))
         planned = None
     return TapResult(cases, planned, bail, skip_all, problems, len(raw_cases))
+
+
+# -- writing ---------------------------------------------------------------------------------
+def _tap_text(s: str) -> str:
+    """A name or message on one TAP line: no newline, and no `#` that would start a directive."""
+    return " ".join(s.split()).replace("#", "\\#")
+
+
+def from_junit(root: Any) -> str:
+    """`lab run --tap`: the run's JUnit (an ElementTree element: a <testsuites> of runs, or one
+    <testsuite>) as TAP version 13, one line per testcase, each run a subtest block of its own
+    when there are several (KTAP's nesting, indented four spaces)."""
+    suites = [root] if root.tag == "testsuite" else list(root.iter("testsuite"))
+
+    def block(suite: Any, indent: str) -> list[str]:
+        cases = list(suite.iter("testcase"))
+        out = [f"{indent}1..{len(cases)}"]
+        for i, tc in enumerate(cases, 1):
+            name = _tap_text(f"{tc.get('classname')}: {tc.get('name')}")
+            bad = tc.find("failure")
+            if bad is None:
+                bad = tc.find("error")
+            skip = tc.find("skipped")
+            if bad is not None:
+                out.append(f"{indent}not ok {i} {name}")
+                out.append(f"{indent}  ---")
+                out.append(f"{indent}  {bad.tag}: {json.dumps(bad.get('message') or '')}")
+                out.append(f"{indent}  ...")
+            elif skip is not None:
+                why = _tap_text(skip.get("message") or "")
+                out.append(f"{indent}ok {i} {name} # SKIP{' ' + why if why else ''}")
+            else:
+                out.append(f"{indent}ok {i} {name}")
+        return out
+
+    lines = ["TAP version 13"]
+    if len(suites) == 1:
+        lines += block(suites[0], "")
+        return "\n".join(lines) + "\n"
+    lines.append(f"1..{len(suites)}")
+    for i, suite in enumerate(suites, 1):
+        lines += block(suite, "    ")
+        failed = int(suite.get("failures", "0")) + int(suite.get("errors", "0"))
+        lines.append(f"{'not ok' if failed else 'ok'} {i} {_tap_text(suite.get('name', ''))}")
+    return "\n".join(lines) + "\n"

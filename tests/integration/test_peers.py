@@ -11,6 +11,8 @@ from typing import Any
 
 import pytest
 
+from lab import tap
+
 from .helpers import ROOT, lab, qemu_pids, report
 
 pytestmark = pytest.mark.integration
@@ -22,8 +24,9 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Any],
     subprocess.run(["make", "-s", "-C", str(ROOT / "tests" / "kut"), f"O={build}"], check=True)
     out = tmp_path_factory.mktemp("peers") / "run"
     r = lab("run", str(ROOT / "tests" / "data" / "peers.yaml"), "--out", str(out),
-            "--kvm-unit-tests", str(build), timeout=1800)
+            "--kvm-unit-tests", str(build), "--tap", timeout=1800)
     assert not qemu_pids(str(out)), "a QEMU of the run outlived it"
+    (out / "stdout.tap").write_text(r.stdout)
     return out, report(out), r.returncode
 
 
@@ -85,3 +88,15 @@ def test_selftests_of_l0s_kernel(run: tuple[Path, dict[str, Any], int]) -> None:
     names = {tc.get("classname") for tc in junit.iter("testcase")}
     assert "peers.l0.selftests svm_vmcall_test" in names
     assert "peers.l0.kut labkut_fail" in names and "peers.l1.kut-nested labkut" in names
+
+
+def test_tap_on_stdout_says_what_junit_says(run: tuple[Path, dict[str, Any], int]) -> None:
+    out, _, _ = run
+    text = (out / "stdout.tap").read_text()
+    assert text.startswith("TAP version 13\n1..")  # the summary went to stderr
+    parsed = tap.parse(text)
+    junit = ET.parse(out / "junit.xml").getroot()
+    cases = list(junit.iter("testcase"))
+    assert len(parsed.cases) == len(cases) and parsed.planned == len(cases)
+    failed = [tc for tc in cases if tc.find("failure") is not None or tc.find("error") is not None]
+    assert [c.status for c in parsed.cases].count("failed") == len(failed) > 0

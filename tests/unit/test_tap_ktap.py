@@ -92,3 +92,27 @@ def test_the_labs_own_programs_and_todo_and_bail_out() -> None:
         "vmx/remap-twice": ("skipped", "L0 offers no INVEPT single-context")}
     r = tap.parse("1..2\nok 1 - a\nBail out! /dev/kvm: ENOENT\n")
     assert not r.ok and r.problems() == "bailed out: /dev/kvm: ENOENT; planned 2 cases, got 1"
+
+
+def test_tap_output_from_junit_reads_back_the_same() -> None:
+    """`lab run --tap` writes from junit.xml; the lab's own reader agrees on every case."""
+    import xml.etree.ElementTree as ET
+
+    root = ET.fromstring(
+        '<testsuites><testsuite name="a" failures="1" errors="0">'
+        '<testcase classname="a.l0" name="ok # one"/>'
+        '<testcase classname="a.l0" name="bad"><failure message="exit 1&#10;more"/></testcase>'
+        '<testcase classname="a.l0" name="skip"><skipped message="no svm"/></testcase>'
+        '</testsuite><testsuite name="b" failures="0" errors="0">'
+        '<testcase classname="b.boot" name="boot l0"/></testsuite></testsuites>')
+    text = tap.from_junit(root)
+    assert text.startswith("TAP version 13\n1..2\n    1..3\n")
+    assert "    ok 1 a.l0: ok \\# one\n" in text  # a # in a name starts no directive
+    assert '      failure: "exit 1\\nmore"\n' in text
+    assert "    ok 3 a.l0: skip # SKIP no svm\n" in text
+    assert text.endswith("not ok 1 a\n    1..1\n    ok 1 b.boot: boot l0\nok 2 b\n")
+    r = tap.parse(text)
+    assert [c.status for c in r.cases] == ["failed", "passed", "failed", "skipped", "passed",
+                                           "passed"]
+    single = tap.from_junit(root.find("testsuite"))
+    assert single.startswith("TAP version 13\n1..3\nok 1 ") and not tap.parse(single).ok
