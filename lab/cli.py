@@ -166,6 +166,13 @@ def cmd_cache(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_completion(args: argparse.Namespace) -> int:
+    from lab import completion
+
+    sys.stdout.write(completion.bash(build_parser()))
+    return 0
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     _install_signal_handlers()
     return driver.run(Path(args.playbook), args.out, args.profile,
@@ -245,6 +252,10 @@ def build_parser() -> argparse.ArgumentParser:
             r.add_argument("--hold", action="store_true",
                            help="start L0 with its CPUs held until a debugger continues")
         r.set_defaults(func=func)
+
+    comp = sub.add_parser("completion", help="print a shell completion script (bash)")
+    comp.add_argument("shell", choices=("bash",))
+    comp.set_defaults(func=cmd_completion)
 
     s = sub.add_parser("ssh", help="a shell or a command on a level of a running lab")
     s.add_argument("--run", help="run directory (default: the most recent lab that is up)")

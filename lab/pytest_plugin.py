@@ -11,12 +11,14 @@
 The `lab` fixture brings the marker's playbook up (`lab up`: warm where a saved lab fits) once
 per module, and down after it; `lab.level(NAME)` gives `run()`, `put()` and `get()` on a level.
 A kernel event nobody expected on any level during a test fails that test with the console
-excerpt. Options: `--lab-profile`, `--lab-kernel-tree`, `--lab-keep` (a module with a failed test
-leaves its lab up, and says how to reach it).
+excerpt. The `gdb` fixture stops L0 under a gdb with its symbols for one test (and lets it run
+on after). Options: `--lab-profile`, `--lab-kernel-tree`, `--lab-kvm-unit-tests`, `--lab-keep`
+(a module with a failed test leaves its lab up, and says how to reach it).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import subprocess
 import sys
@@ -34,6 +36,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     g = parser.getgroup("lab", "kvm-nested-lab")
     g.addoption("--lab-profile", help="run every lab under this profile")
     g.addoption("--lab-kernel-tree", help="boot L0 of every lab from this kernel build tree")
+    g.addoption("--lab-kvm-unit-tests", metavar="DIR",
+                help="your kvm-unit-tests build, for playbooks with kvm_unit_tests steps")
     g.addoption("--lab-keep", action="store_true",
                 help="leave a module's lab up when one of its tests failed")
 
@@ -128,6 +132,8 @@ def lab(request: pytest.FixtureRequest,
         args += ["--profile", opt("--lab-profile")]
     if opt("--lab-kernel-tree"):
         args += ["--kernel-tree", opt("--lab-kernel-tree")]
+    if opt("--lab-kvm-unit-tests"):
+        args += ["--kvm-unit-tests", opt("--lab-kvm-unit-tests")]
     t = time.monotonic()
     r = _lab(*args)
     if r.returncode != 0:
@@ -144,6 +150,31 @@ def lab(request: pytest.FixtureRequest,
                          f"lab down --run {out})\n")
         return
     _lab("down", "--run", str(out), timeout=120)
+
+
+@pytest.fixture
+def gdb(lab: RunningLab) -> Iterator[Any]:
+    """L0 stopped under a gdb of its own for the test, with the kernel's and the KVM modules'
+    symbols (the run's gdbinit), in L0's own context (not a nested guest's); detached after
+    the test, which lets L0 run on. The object is the lab's GdbSession: `evaluate([EXPR])`
+    gives (ok, value) pairs, `console(CMD)` a gdb command's output."""
+    from lab.gdb import GdbSession
+
+    st = lab.state()
+    if not st.get("gdb_socket"):
+        pytest.skip(f"profile {st.get('profile')} has no gdbstub (its probes trace inside L0)")
+    if st.get("gdbstub_owner") == "probes":
+        pytest.fail("L0's gdbstub is held by the playbook's probes; the gdb fixture needs a "
+                    "playbook without gdb probes", pytrace=False)
+    session = GdbSession(lab.run_dir / "gdb-fixture.log")
+    try:
+        session.console(f"source {lab.run_dir / 'gdbinit'}", timeout=300)
+        session.stop_in_host("l0")
+        yield session
+    finally:
+        with contextlib.suppress(Exception):  # gdb, or the lab, may be gone already
+            session.detach()
+        session.close()
 
 
 @pytest.hookimpl(wrapper=True)

@@ -110,18 +110,28 @@ def _make(cmd: list[str], what: str, logfile: Path, ok: tuple[int, ...] = (0,)) 
     return rc
 
 
+def _source_identity(kernel: KernelSource) -> tuple[str, str]:
+    """(a name, an identity) of the source the selftests come from: Debian's flavours of one
+    version (cloud for QEMU, generic for Bochs) share one source, and so one build."""
+    if isinstance(kernel, DebianKernel):
+        version = kernel._resolve().version
+        return f"debian-{version}", f"linux-source={version}"
+    return "tree", kernel.identity()
+
+
 def build(kernel: KernelSource, cache: Path) -> Built:
-    """The KVM selftests of `kernel`, built once and cached."""
-    files = kernel.fetch(cache)
-    key = hashlib.sha256(json.dumps([FORMAT, files.identity, MAKE_VARS,
+    """The KVM selftests of `kernel`'s source, built once and cached."""
+    release = kernel.fetch(cache).release
+    name, identity = _source_identity(kernel)
+    key = hashlib.sha256(json.dumps([FORMAT, identity, MAKE_VARS,
                                      shutil.which("gcc")]).encode()).hexdigest()[:16]
-    out = cache / "selftests" / f"{files.release}-{key}"
-    with locked(cache / "selftests" / f".{files.release}-{key}.lock"):
+    out = cache / "selftests" / f"{name}-{key}"
+    with locked(cache / "selftests" / f".{name}-{key}.lock"):
         if not (out / "manifest.json").exists():
-            _build(kernel, cache, out, files.release)
+            _build(kernel, cache, out, release)
         os.utime(out)  # most recently used (`lab cache prune`)
     m = json.loads((out / "manifest.json").read_text())
-    return Built(dir=out, release=files.release,
+    return Built(dir=out, release=release,
                  tests={n: out / "x86_64" / n for n in m["tests"]}, failed=m["failed"],
                  timeout_s=m["timeout_s"])
 

@@ -32,6 +32,18 @@ def test_levels_run_and_copy(lab: object, tmp_path: Path) -> None:
     assert lab.level("l1").run("test -c /dev/kvm").exit_status == 0  # type: ignore[attr-defined]
 
 
+def test_gdb_fixture_stops_l0_with_symbols(gdb: object) -> None:
+    (ok, name), (ok2, nested) = gdb.evaluate([  # type: ignore[attr-defined]
+        "init_uts_ns.name.nodename", "nested"])
+    assert ok and '"l0"' in name  # L0's own context, not a nested guest's
+    assert ok2 and nested.strip() == "1", nested  # kvm_amd.ko's, read at its load address
+
+
+def test_l0_runs_on_after_the_gdb_fixture(lab: object) -> None:
+    r = lab.level("l2").run("echo alive")  # type: ignore[attr-defined]
+    assert r.exit_status == 0 and r.stdout.strip() == "alive"
+
+
 def test_a_kernel_warning_fails_the_running_test(pytester: pytest.Pytester,
                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     kernel = load_recipe(ROOT / "images" / "default.yaml").kernel
