@@ -8,6 +8,7 @@ nothing is ever exposed beyond loopback. Every call has a timeout; none can hang
 from __future__ import annotations
 
 import base64
+import functools
 import logging
 import select
 import socket
@@ -25,6 +26,7 @@ from lab.errors import CommandTimeout, SSHError
 
 # paramiko logs every refused early connection (the guest is still booting) with a traceback;
 # the lab reports connection problems itself, so keep paramiko's own log out of the terminal.
+log = logging.getLogger(__name__)
 _paramiko_log = logging.getLogger("paramiko")
 _paramiko_log.addHandler(logging.NullHandler())
 _paramiko_log.propagate = False
@@ -175,12 +177,10 @@ class SSHSession:
         head and of tail stay in memory; `sinks` (stdout, stderr) get every byte as it came.
         """
         t0 = time.monotonic()
-        chan = self._open_session(min(timeout, 120), check)
+        chan = self._exec(command, min(timeout, 120), check)
         out = Capture(keep, sinks[0] if sinks else None)
         err = Capture(keep, sinks[1] if sinks else None)
         try:
-            _bounded(lambda: chan.exec_command(command), min(timeout, 120),
-                     f"{self.level}: the request to run `{command[:60]}`", chan)
             chan.settimeout(0.0)
             if stdin is not None:
                 chan.sendall(stdin)
@@ -212,6 +212,26 @@ class SSHSession:
             chan.close()
         return RunResult(command, status, out.text(), err.text(), time.monotonic() - t0,
                          stdout_bytes=out.total, stderr_bytes=err.total)
+
+    def _exec(self, command: str, timeout: float,
+              check: Callable[[], None] | None) -> paramiko.Channel:
+        """A channel running `command`. A channel that the server closed before it took the
+        request (seen right after an SFTP transfer on a restored lab) ran nothing: once more
+        on a new channel."""
+        for attempt in (1, 2):
+            chan = self._open_session(timeout, check)
+            try:
+                _bounded(functools.partial(chan.exec_command, command), timeout,
+                         f"{self.level}: the request to run `{command[:60]}`", chan)
+                return chan
+            except paramiko.SSHException as e:
+                chan.close()
+                if attempt == 2 or "not open" not in str(e):
+                    raise SSHError(f"{self.level}: cannot run `{command[:60]}`: {e}",
+                                   level=self.level) from None
+                log.info(f"{self.level}: the channel closed before it took the command; "
+                         "once more")
+        raise AssertionError("not reached")
 
     def _open_session(self, timeout: float,
                       check: Callable[[], None] | None) -> paramiko.Channel:

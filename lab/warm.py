@@ -9,6 +9,7 @@ and what a restore must survive before it counts (the settle check).
 from __future__ import annotations
 
 import logging
+import re
 import threading
 import time
 from collections.abc import Callable
@@ -84,6 +85,7 @@ def save(lab: Lab, key: str) -> None:
     lab.close_sessions()  # no half-open SSH connection goes into the saved lab
     vm.qmp.execute("stop")
     try:
+        boot["save_stops"] = stop_halted(vm.qmp)
         saved: snapshot.SavedLab | None = snapshot.save(vm.qmp, lab.cache, key, {
             "levels": ids, "cold_timeline": timelines,
             "playbook": str(lab.pb.path), "profile": lab.profile.name,
@@ -102,6 +104,29 @@ def save(lab: Lab, key: str) -> None:
                     seconds=round(time.monotonic() - t, 3))
         log.info(f"saved the lab as {saved.key} ({saved.meta['bytes'] >> 20} MiB in "
                  f"{saved.meta['save_s']:.1f} s): later runs of this topology start warm")
+
+
+HALT_TRIES = 200
+
+
+def stop_halted(qmp: Any, tries: int = HALT_TRIES) -> int:
+    """Leave L0 stopped while its vCPU is halted, and say how many stops that took.
+
+    Under TCG, QEMU saves a vCPU that is running a nested guest (L1 or L2, in SVM's guest
+    mode) but cannot load it back ("vCPU set in guest-mode inconsistent with migrated kernel
+    nested state": the nested state it checks exists only under KVM). A halted L0 vCPU is in
+    its own mode (KVM intercepts its guests' HLT), and an idle chain halts L0 most of the
+    time: stop, look, and let it run a moment until it is.
+    """
+    for attempt in range(tries):
+        regs = qmp.execute("human-monitor-command", **{"command-line": "info registers"})
+        if re.search(r"\bHLT=1\b", str(regs)):
+            return attempt
+        qmp.execute("cont")
+        time.sleep(0.01 + 0.002 * attempt)
+        qmp.execute("stop")
+    raise LabError(f"L0's vCPU was never halted in {tries} stops (the chain is busy): a save "
+                   "now could not be restored")
 
 
 def restore(lab: Lab, saved: snapshot.SavedLab) -> None:
