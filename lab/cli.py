@@ -70,22 +70,67 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 def cmd_images_build(args: argparse.Namespace) -> int:
     from lab.image import Builder, load_recipe
 
-    images = Path(args.images_dir)
-    names = args.names or sorted(p.stem for p in images.glob("*.yaml"))
-    if not names:
-        raise UsageError(f"{images}: no image recipes (*.yaml)")
     builder = Builder(cache_root())
-    for name in names:
-        # A name from the images directory, or a recipe's path.
-        path = Path(name) if name.endswith(".yaml") else images / f"{name}.yaml"
-        if not path.exists():
-            raise UsageError(f"image {name!r}: no recipe {path}")
+    for path in _recipes(Path(args.images_dir), args.names):
         tree = driver.kernel_tree(args.kernel_tree)
         t = time.monotonic()
         img = builder.build(load_recipe(path, kernel_tree=tree), with_debug=not args.no_debug)
         k = img.manifest["kernel"]
         print(f"{path.stem}: {img.dir} (kernel {k['release']}, {k['source']}; "  # type: ignore[index]
               f"{time.monotonic() - t:.2f} s)")
+    return 0
+
+
+def _recipes(images: Path, names: list[str]) -> list[Path]:
+    """Recipes by name (from the images directory) or path; all of the directory's by default."""
+    names = names or sorted(p.stem for p in images.glob("*.yaml") if p.name != "lock.yaml")
+    if not names:
+        raise UsageError(f"{images}: no image recipes (*.yaml)")
+    out = []
+    for name in names:
+        path = Path(name) if name.endswith(".yaml") else images / f"{name}.yaml"
+        if not path.exists():
+            raise UsageError(f"image {name!r}: no recipe {path}")
+        out.append(path)
+    return out
+
+
+def cmd_images_update(args: argparse.Namespace) -> int:
+    """Move the lock file's pins to what the archive has now: each recipe's own, and those a
+    `--kernel debian:...` run pinned beside it (or the ones --kernel names)."""
+    from lab import lock
+    from lab.image import load_recipe
+    from lab.kernel import DebianChoice, DebianKernel
+
+    images = Path(args.images_dir)
+    choices = [DebianChoice.parse(k, "--kernel") for k in args.kernel or []]
+    suites_updated: set[str | None] = set()
+    for path in _recipes(images, args.names):
+        pins = lock.read(lock.path_for(path))
+        wanted: list[DebianChoice | None] = [None, *choices]
+        for entry in pins:  # overrides pinned earlier move too
+            name, _, spec = entry.partition("@")
+            if name == path.stem and spec:
+                c = DebianChoice.parse(spec, f"{lock.path_for(path)}: {entry}")
+                if c not in wanted:
+                    wanted.append(c)
+        for choice in wanted:
+            recipe = load_recipe(path, debian=choice)
+            kernel = recipe.kernel
+            if not isinstance(kernel, DebianKernel):
+                print(f"{path.stem}: a build tree, nothing to pin")
+                break
+            if kernel.suite not in suites_updated:
+                kernel.apt.update()  # the host's lists are the host's: left as they are
+                suites_updated.add(kernel.suite)
+            entry = lock.key(path, choice.spec if choice else None)
+            before = kernel.pinned()
+            now = kernel.resolve_latest()
+            lock.record(lock.path_for(path), entry,
+                        lock.Pin(kernel.request, now.name, now.version, now.sha256, now.size))
+            moved = "unchanged" if before == now else \
+                f"was {before.name}={before.version}" if before else "new"
+            print(f"{entry}: {now.name}={now.version} ({moved})")
     return 0
 
 
@@ -176,8 +221,7 @@ def cmd_completion(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     _install_signal_handlers()
     return driver.run(Path(args.playbook), args.out, args.profile,
-                      driver.Inputs.from_args(args.kernel_tree, args.kvm_unit_tests), args.cold,
-                      tap_out=args.tap)
+                      driver.Inputs.from_namespace(args), args.cold, tap_out=args.tap)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -189,7 +233,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     t0 = time.monotonic()
     pb = playbook.load(Path(args.playbook))
     profile = driver.profile_for(args.profile, pb.profile)
-    inputs = driver.Inputs.from_args(args.kernel_tree, args.kvm_unit_tests)
+    inputs = driver.Inputs.from_namespace(args)
     inputs.check(pb)
     rep = driver.run_playbook(pb, Path(args.out).resolve(), profile, inputs, hold=args.hold,
                               cold=args.cold, serve=True, started=t0)
@@ -217,6 +261,13 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--kernel-tree", help="use this kernel build tree instead of the recipe's")
     b.add_argument("--no-debug", action="store_true", help="skip the debug-symbols package")
     b.set_defaults(func=cmd_images_build)
+    u = imsub.add_parser("update", help="move the lock file's kernel pins to what Debian's "
+                                        "archive has now")
+    u.add_argument("names", nargs="*", metavar="NAME")
+    u.add_argument("--images-dir", default="images")
+    u.add_argument("--kernel", action="append", metavar="debian:SUITE[/ABI]",
+                   help="pin this kernel for the recipes too (repeatable)")
+    u.set_defaults(func=cmd_images_update)
 
     ca = sub.add_parser("cache", help="what the cache holds; `lab cache prune` drops the old")
     casub = ca.add_subparsers(dest="cache_cmd", metavar="ACTION")
@@ -238,6 +289,11 @@ def build_parser() -> argparse.ArgumentParser:
         r.add_argument("--out", help="run directory (default runs/<time>-<playbook>)")
         r.add_argument("--profile", choices=profiles, help="override the playbook's profile")
         r.add_argument("--kernel-tree", help="boot L0 from this kernel build tree")
+        r.add_argument("--kernel", metavar="debian:SUITE[/ABI]",
+                       help="boot L0 from Debian's kernel of another suite (bullseye, bookworm, "
+                            "trixie, bookworm-backports, sid), or of an exact ABI (6.1.0-47)")
+        r.add_argument("--latest", action="store_true",
+                       help="the kernels the archive has now, not those pinned in the lock file")
         r.add_argument("--kvm-unit-tests", metavar="DIR",
                        help="your kvm-unit-tests build, for the playbook's kvm_unit_tests steps "
                             "(default: kvm_unit_tests in the config file)")

@@ -14,10 +14,12 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from lab import access, config, doctor, playbook, procs, suite
 from lab.cache import cache_root
 from lab.errors import LabError, UsageError
+from lab.kernel import DebianChoice
 from lab.profiles import Profile, get_profile
 from lab.report import Report, summary
 
@@ -84,12 +86,37 @@ class Inputs:
 
     kernel_tree: Path | None = None
     kvm_unit_tests: Path | None = None  # a kvm-unit-tests build directory
+    debian: DebianChoice | None = None  # L0's kernel from another suite (or ABI) of Debian's
+    latest: bool = False  # what the archive has now, not the lock file's pins
 
     @classmethod
-    def from_args(cls, kernel_tree_arg: str | None, kut_arg: str | None) -> Inputs:
+    def from_args(cls, kernel_tree_arg: str | None, kut_arg: str | None,
+                  kernel_arg: str | None = None, latest: bool = False) -> Inputs:
         kut = kut_arg or config.load().kvm_unit_tests
+        if kernel_arg and kernel_tree_arg:
+            raise UsageError("--kernel and --kernel-tree: give one kernel for L0, not two")
         return cls(kernel_tree=kernel_tree(kernel_tree_arg),
-                   kvm_unit_tests=Path(kut).expanduser().resolve() if kut else None)
+                   kvm_unit_tests=Path(kut).expanduser().resolve() if kut else None,
+                   debian=DebianChoice.parse(kernel_arg, "--kernel") if kernel_arg else None,
+                   latest=latest)
+
+    @classmethod
+    def from_namespace(cls, args: Any) -> Inputs:
+        """From `lab run`/`lab up`'s options."""
+        return cls.from_args(args.kernel_tree, args.kvm_unit_tests, args.kernel, args.latest)
+
+    def argv(self) -> list[str]:
+        """These inputs as `lab` options (for `lab up`'s background half, and CI jobs)."""
+        out: list[str] = []
+        if self.kernel_tree:
+            out += ["--kernel-tree", str(self.kernel_tree)]
+        if self.debian:
+            out += ["--kernel", self.debian.spec]
+        if self.kvm_unit_tests:
+            out += ["--kvm-unit-tests", str(self.kvm_unit_tests)]
+        if self.latest:
+            out.append("--latest")
+        return out
 
     def check(self, pb: playbook.Playbook) -> None:
         """Every input the playbook's steps need is given and names what they ask for:

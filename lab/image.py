@@ -22,11 +22,20 @@ from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
-from lab import schema
+from lab import lock, schema
+from lab.apt import SUITES
 from lab.cache import file_sha256, locked, write_atomic
 from lab.cpio import Tree
 from lab.errors import LabError, UsageError
-from lab.kernel import DebianKernel, DebugFiles, KernelSource, TreeKernel, resolve_modules
+from lab.kernel import (
+    DebianChoice,
+    DebianKernel,
+    DebugFiles,
+    KernelSource,
+    TreeKernel,
+    builtin_modules,
+    resolve_modules,
+)
 from lab.keys import client_key, make_host_key
 from lab.tools import build as build_tools
 
@@ -58,6 +67,8 @@ RECIPE_SPEC = schema.Map({
     "kernel": schema.Field(schema.Map({
         "debian": schema.Field(schema.Str()),
         "version": schema.Field(schema.Str()),
+        # Another Debian suite than the host's, read through the lab's own apt root.
+        "suite": schema.Field(schema.Str(choices=tuple(SUITES))),
         "tree": schema.Field(schema.Str()),
     }), required=True),
     "modules": schema.Field(schema.List(schema.Str()), default=None),
@@ -73,13 +84,24 @@ class Recipe:
     modules: list[str]
     text: str  # the recipe file's content: part of the image key
 
-def load_recipe(path: Path, kernel_tree: Path | None = None) -> Recipe:
+def load_recipe(path: Path, kernel_tree: Path | None = None,
+                debian: DebianChoice | None = None, latest: bool = False) -> Recipe:
+    """A recipe, its kernel replaced by `kernel_tree` or by `debian` (another suite's, or ABI's,
+    Debian kernel of the same flavour) when given. A Debian kernel comes pinned by the lock
+    file beside the recipe (and is pinned there on first use), unless `latest`."""
     data = schema.load(path, RECIPE_SPEC)
     k = data["kernel"]
     where = data.where("kernel")
     source: KernelSource
     if kernel_tree is not None:
         source = TreeKernel(kernel_tree.resolve())
+    elif debian is not None and not k["debian"]:
+        raise UsageError(f"{where}: kernel: --kernel {debian.spec} replaces a Debian kernel, "
+                         "and this recipe's is a build tree")
+    elif debian is not None:
+        source = debian.kernel_for(k["debian"])
+        if not latest:
+            source.lock = (lock.path_for(path), lock.key(path, debian.spec))
     elif k["tree"] and k["debian"]:
         raise UsageError(f"{where}: kernel: give either `debian` or `tree`, not both")
     elif k["tree"]:
@@ -90,7 +112,9 @@ def load_recipe(path: Path, kernel_tree: Path | None = None) -> Recipe:
             raise UsageError(f"{where}: kernel.tree: {tree} is not a directory")
         source = TreeKernel(tree)
     elif k["debian"]:
-        source = DebianKernel(k["debian"], k["version"])
+        source = DebianKernel(k["debian"], k["version"], k["suite"])
+        if not latest:
+            source.lock = (lock.path_for(path), lock.key(path, None))
     else:
         raise UsageError(f"{where}: kernel: expected `debian: PACKAGE` or `tree: PATH`")
     return Recipe(name=path.stem, path=path, description=data["description"], kernel=source,
@@ -271,8 +295,11 @@ class Builder:
             plan.files[dest] = ko
             plan.modules.append((name, dest, deps))
         plan.data[f"lib/modules/{release}/modules.dep"] = (_modules_dep(plan, release), 0o644)
-        # What rcS loads at boot, in the recipe's order (dependencies come through modprobe).
-        plan.data["etc/lab/modules"] = ("\n".join(recipe.modules).encode() + b"\n", 0o644)
+        # What rcS loads at boot, in the recipe's order (dependencies come through modprobe);
+        # a module this kernel has built in needs no loading.
+        builtin = builtin_modules(module_root)
+        load = [m for m in recipe.modules if m.replace("-", "_") not in builtin]
+        plan.data["etc/lab/modules"] = ("\n".join(load).encode() + b"\n", 0o644)
         if qemu:
             plan.add_binary("usr/bin/qemu-system-x86_64", QEMU_BINARY)
             for dest, module in QEMU_MODULES.items():

@@ -27,8 +27,8 @@ from lab.decode import Symbols, decode
 from lab.driver import Inputs
 from lab.errors import Aborted, LabError, UsageError, error_dict
 from lab.events import Event
-from lab.image import Builder, BuiltImage, load_recipe
-from lab.kernel import KernelSource
+from lab.image import Builder, BuiltImage, Recipe, load_recipe
+from lab.kernel import DebianKernel, KernelSource
 from lab.keys import client_key
 from lab.levels import PROGRESS_WINDOW, LevelState, checker, open_session, wait_booted
 from lab.machines import base as machines
@@ -78,6 +78,8 @@ class Lab:
         self.report = Report(playbook=str(playbook.path), name=playbook.name,
                              run_dir=str(run_dir), profile=profile.name,
                              kernel_tree=str(kernel_tree) if kernel_tree else None,
+                             kernel_choice=self.inputs.debian.spec if self.inputs.debian
+                             else None,
                              started=datetime.datetime.now().isoformat(timespec="seconds"))
         # Timeouts follow this host's speed: what earlier runs measured, until L0 boots.
         self.speed = hostspeed.load(cache, profile.name, profile.reference_l0_init_s)
@@ -233,20 +235,27 @@ class Lab:
         decode(evs, syms, only=lambda ev: ev.level in same or ev.module is not None)
 
     # -- build -----------------------------------------------------------------------------
+    def recipe(self, level: str) -> Recipe:
+        """A level's image recipe, L0's kernel replaced as the user asked."""
+        l0 = level == "l0"
+        return load_recipe(self.levels[level].level.recipe,
+                           kernel_tree=self.kernel_tree if l0 else None,
+                           debian=self.inputs.debian if l0 else None, latest=self.inputs.latest)
+
     def build(self) -> None:
         builder = Builder(self.cache)
         child: BuiltImage | None = None
         # Deepest level first: a parent's image carries its child's kernel and initramfs.
         for name in reversed(list(self.levels)):
             st = self.levels[name]
-            tree = self.kernel_tree if name == "l0" else None
-            recipe = load_recipe(st.level.recipe, kernel_tree=tree)
+            recipe = self.recipe(name)
             if name == "l0":
                 self.l0_kernel = recipe.kernel
             st.image = builder.build(recipe, child=child, qemu=st.level.qemu)
             child = st.image
             self.report.levels[name] = {
-                "image": st.image.dir.name, "kernel": st.image.manifest["kernel"],
+                "image": st.image.dir.name,
+                "kernel": {**st.image.manifest["kernel"], **_pin(recipe.kernel)},  # type: ignore[dict-item]
                 "memory_mb": st.level.memory_mb, "cpus": st.level.cpus, "timeline": {}}
         self.report.levels = {n: self.report.levels[n] for n in self.levels}  # topology order
         # The KVM selftests of each level's kernel that a step runs, built before anything
@@ -254,8 +263,7 @@ class Lab:
         for step in self.pb.steps:
             if step.selftests is None or step.on in self.selftests_built:
                 continue
-            tree = self.kernel_tree if step.on == "l0" else None
-            kernel = load_recipe(self.levels[step.on].level.recipe, kernel_tree=tree).kernel
+            kernel = self.recipe(step.on).kernel
             built = self.selftests_built[step.on] = selftests.build(kernel, self.cache)
             built.select(step.selftests.tests, self.profile.vendor, step.selftests.where)
 
@@ -476,6 +484,24 @@ class Lab:
                 self.publish("down", registry=False)
         shutil.rmtree(self.sock_dir, ignore_errors=True)
         self.registry.remove(self.id)
+
+
+def _pin(kernel: KernelSource) -> dict[str, Any]:
+    """How a Debian kernel was chosen, for the report: pinned (and whether the archive has a
+    newer one for the same request, by the package lists as they are) or --latest."""
+    if not isinstance(kernel, DebianKernel):
+        return {}
+    pkg = kernel._resolve()
+    out: dict[str, Any] = {"request": kernel.request, "pinned": kernel.lock is not None,
+                           "package": pkg.name, "version": pkg.version}
+    try:
+        now = kernel.resolve_latest()
+    except LabError as e:  # an archive that cannot be read says so, and the run goes on
+        out["newer"] = None
+        out["newer_error"] = str(e).splitlines()[0]
+        return out
+    out["newer"] = f"{now.name}={now.version}" if now != pkg else None
+    return out
 
 
 def _release(image: BuiltImage | None) -> str | None:

@@ -38,6 +38,7 @@ class Report:
     status: str = "error"  # passed | failed | error
     profile: str | None = None
     kernel_tree: str | None = None  # L0 booted from this build tree (None: the recipe's)
+    kernel_choice: str | None = None  # L0's Debian kernel as --kernel gave it (debian:SUITE)
     started: str = ""
     phases: dict[str, float] = field(default_factory=dict)
     levels: dict[str, dict[str, Any]] = field(default_factory=dict)

@@ -72,12 +72,9 @@ def up(args: argparse.Namespace) -> int:
            "--out", str(run_dir)]
     if args.profile:
         cmd += ["--profile", args.profile]
-    if args.kernel_tree:
-        cmd += ["--kernel-tree", str(Path(args.kernel_tree).resolve())]
-    inputs = Inputs.from_args(args.kernel_tree, args.kvm_unit_tests)
+    inputs = Inputs.from_namespace(args)
     inputs.check(pb)
-    if inputs.kvm_unit_tests:
-        cmd += ["--kvm-unit-tests", str(inputs.kvm_unit_tests)]
+    cmd += inputs.argv()
     if args.hold:
         cmd.append("--hold")
     if args.cold:

@@ -85,9 +85,9 @@ def _source(kernel: KernelSource, cache: Path, work: Path) -> Path:
     assert isinstance(kernel, DebianKernel)
     version = kernel._resolve().version
     series = ".".join(version.split(".")[:2])  # 6.1.192-3 -> 6.1
-    pkg = apt_show(f"linux-source-{series}", version)
+    pkg = apt_show(f"linux-source-{series}", version, kernel.apt)
     unpacked = work / "deb"
-    fetch_unpacked(pkg, cache, unpacked, ["./usr/src/linux-source-*.tar.xz"])
+    fetch_unpacked(pkg, cache, unpacked, ["./usr/src/linux-source-*.tar.xz"], apt=kernel.apt)
     tarball = next((unpacked / "usr/src").glob("linux-source-*.tar.xz"))
     t = time.monotonic()
     _make(["tar", "-xf", str(tarball), "-C", str(work)], "unpacking the kernel source",
