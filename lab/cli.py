@@ -8,7 +8,11 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
+import re
+import shlex
 import signal
+import subprocess
 import sys
 import time
 from importlib import metadata
@@ -211,6 +215,42 @@ def cmd_cache(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bisect(args: argparse.Namespace) -> int:
+    from lab import bisect
+
+    _install_signal_handlers()
+    if not args.kernel_tree:
+        if args.print_run or args.config:
+            raise UsageError("--print-run/--config: for bisecting a --kernel-tree's commits")
+        return driver.bisect(args.playbook, args.good, args.bad, args.out, args.profile)
+    tree = driver.kernel_tree(args.kernel_tree)
+    assert tree is not None
+    if not args.config:
+        raise UsageError("--config: a kernel tree is built at each step with your .config")
+    config = Path(args.config)
+    if not config.is_file():
+        raise UsageError(f"--config {args.config}: no such file")
+    out = Path(args.out or f"runs/bisect-{Path(args.playbook).stem}").resolve()
+    cmd = bisect.run_command(Path(args.playbook), tree, config, out, args.jobs, args.profile)
+    start = ["git", "-C", str(tree), "bisect", "start", args.bad, args.good]
+    if args.print_run:
+        print(" ".join(shlex.quote(a) for a in start))
+        print(f"cd {shlex.quote(str(tree))} && {cmd}")
+        return 0
+    subprocess.run(start, check=True)
+    try:
+        r = subprocess.run(["sh", "-c", cmd], cwd=tree, capture_output=True, text=True)
+        sys.stdout.write(r.stdout)
+        m = re.search(r"^(\w+) is the first bad commit", r.stdout, re.M)
+    finally:
+        subprocess.run(["git", "-C", str(tree), "bisect", "reset"], capture_output=True)
+    if not m:
+        print(f"no first bad commit found (git bisect run: {r.stderr.strip()[-300:]})")
+        return 3
+    print(f"first bad: {m.group(1)}; its run: {out}/{m.group(1)[:7]}/report.html")
+    return 0
+
+
 def cmd_completion(args: argparse.Namespace) -> int:
     from lab import completion
 
@@ -221,7 +261,8 @@ def cmd_completion(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     _install_signal_handlers()
     return driver.run(Path(args.playbook), args.out, args.profile,
-                      driver.Inputs.from_namespace(args), args.cold, tap_out=args.tap)
+                      driver.Inputs.from_namespace(args), args.cold, tap_out=args.tap,
+                      kernels_arg=args.kernels, profiles_arg=args.profiles)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -301,6 +342,11 @@ def build_parser() -> argparse.ArgumentParser:
                        help="boot every level, never restore a saved lab (one is still saved "
                             "unless the playbook says snapshot: off)")
         if name == "run":
+            r.add_argument("--kernels", metavar="K1,K2",
+                           help="a suite as a matrix over L0 kernels: debian, 5.10, 6.1, 6.12, "
+                                "7.x, NAME=debian:SUITE[/ABI], NAME=PATH")
+            r.add_argument("--profiles", metavar="P1,P2",
+                           help="a suite as a matrix over profiles")
             r.add_argument("--tap", action="store_true",
                            help="print the results as TAP on stdout (the summary goes to "
                                 "stderr), a line per testcase of junit.xml")
@@ -308,6 +354,22 @@ def build_parser() -> argparse.ArgumentParser:
             r.add_argument("--hold", action="store_true",
                            help="start L0 with its CPUs held until a debugger continues")
         r.set_defaults(func=func)
+
+    bi = sub.add_parser("bisect", help="the first bad kernel between a good and a bad one, a "
+                                       "playbook's exit status the oracle")
+    bi.add_argument("playbook")
+    bi.add_argument("--good", required=True,
+                    help="debian:SUITE/ABI (a Debian kernel) or a commit (with --kernel-tree)")
+    bi.add_argument("--bad", required=True, help="the same kind as --good")
+    bi.add_argument("--profile", choices=sorted(PROFILES), help="override the playbook's")
+    bi.add_argument("--out", help="directory for the bisect's runs (default runs/<time>-bisect-"
+                                  "<playbook>)")
+    bi.add_argument("--kernel-tree", metavar="DIR", help="bisect the commits of this git tree")
+    bi.add_argument("--config", metavar="FILE", help="the kernel .config for each build")
+    bi.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="make -j")
+    bi.add_argument("--print-run", action="store_true",
+                    help="print the `git bisect run` command instead of running it")
+    bi.set_defaults(func=cmd_bisect)
 
     comp = sub.add_parser("completion", help="print a shell completion script (bash)")
     comp.add_argument("shell", choices=("bash",))

@@ -7,7 +7,9 @@ other, each in its own run directory, judged against what the suite expects of i
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime
+import json
 import logging
 import sys
 import time
@@ -18,7 +20,7 @@ from typing import Any
 
 from lab import access, config, doctor, playbook, procs, suite
 from lab.cache import cache_root
-from lab.errors import LabError, UsageError
+from lab.errors import EXIT_INFRA, LabError, UsageError
 from lab.kernel import DebianChoice
 from lab.profiles import Profile, get_profile
 from lab.report import Report, summary
@@ -88,6 +90,9 @@ class Inputs:
     kvm_unit_tests: Path | None = None  # a kvm-unit-tests build directory
     debian: DebianChoice | None = None  # L0's kernel from another suite (or ABI) of Debian's
     latest: bool = False  # what the archive has now, not the lock file's pins
+    # L0's debug symbols where nothing needs them: None fetches them if the archive serves
+    # them (for `lab gdb`, decoded events); False does not (a bisect step).
+    debug: bool | None = None
 
     @classmethod
     def from_args(cls, kernel_tree_arg: str | None, kut_arg: str | None,
@@ -171,12 +176,16 @@ def run_playbook(pb: playbook.Playbook, run_dir: Path, profile: Profile, inputs:
 
 
 def run(path: Path, out: str | None, profile_name: str | None, inputs: Inputs,
-        cold: bool, tap_out: bool = False) -> int:
-    """`lab run`: a playbook or a suite; the exit status. `tap_out`: stdout is the result as
-    TAP (from the run's junit.xml), and the summary goes to stderr."""
+        cold: bool, tap_out: bool = False, kernels_arg: str | None = None,
+        profiles_arg: str | None = None) -> int:
+    """`lab run`: a playbook or a suite (or a matrix); the exit status. `tap_out`: stdout is
+    the result as TAP (from the run's junit.xml), and the summary goes to stderr."""
     t0 = time.monotonic()
     if suite.is_suite(path):
-        return run_suite(path, out, profile_name, inputs, cold, tap_out)
+        return run_suite(path, out, profile_name, inputs, cold, tap_out, kernels_arg,
+                         profiles_arg)
+    if kernels_arg or profiles_arg:
+        raise UsageError("--kernels/--profiles: a matrix is a suite's; give a suite")
     pb = playbook.load(path)
     profile = profile_for(profile_name, pb.profile)
     inputs.check(pb)
@@ -200,10 +209,62 @@ def _print_tap(run_dir: Path) -> None:
     sys.stdout.write(tap.from_junit(root))
 
 
+def run_matrix(path: Path, s: suite.Suite, out: str | None, kernels_arg: str | None,
+               profiles_arg: str | None, inputs: Inputs, cold: bool,
+               tap_out: bool = False) -> int:
+    """A suite's matrix here, one cell after another (each playbook under each kernel and
+    profile), then one report of it all as `lab merge` writes it: report.json, junit.xml with
+    the axis in every classname, report.html with the kernel x profile table."""
+    from lab import matrix, merge
+
+    if inputs.kernel_tree or inputs.debian:
+        raise UsageError("--kernel/--kernel-tree: a matrix names its kernels itself "
+                         "(--kernels or the suite's matrix.kernel)")
+    kernels = matrix.parse_kernels(kernels_arg or s.kernels,
+                                   "--kernels" if kernels_arg else f"{path}:{s.line}: "
+                                   "matrix.kernel")
+    profiles = matrix.parse_profiles(profiles_arg) if profiles_arg else s.profiles
+    _, cells, skipped = matrix.plan(path, profiles, kernels)
+    run_dir = new_run_dir(out, s.name)
+    t0 = time.monotonic()
+    text = sys.stderr if tap_out else sys.stdout
+    merged: list[merge.Merged] = []
+    for i, cell in enumerate(cells, 1):
+        log.info(f"matrix {s.name}: [{i}/{len(cells)}] {cell.key}")
+        sub = run_dir / cell.key
+        sub.mkdir(mode=0o700, parents=True, exist_ok=True)
+        cell_inputs = dataclasses.replace(inputs, kernel_tree=cell.kernel.tree,
+                                          debian=cell.kernel.debian)
+        rep = run_playbook(playbook.load(cell.playbook), sub, get_profile(cell.profile),
+                           cell_inputs, cold=cold, started=time.monotonic())
+        print(summary(rep), file=text)
+        merged.append(merge.Merged(cell, sub, rep.to_dict()))
+        if rep.error and rep.error.get("kind") == "aborted":
+            break
+    summ = merge.summary(s.name, path, merged, kernels, skipped)
+    summ["seconds"] = round(time.monotonic() - t0, 1)
+    merge.write(run_dir, summ, merged, s.name)
+    for c in summ["cells"]:
+        print(f"  {'met ' if c['met'] else 'NOT '} {c['key']}: {c['why']}", file=text)
+    print(f"{s.name}: {summ['status'].upper()} (exit {summ['exit_status']}); "
+          f"{run_dir}/junit.xml, {run_dir}/report.html", file=text)
+    if tap_out:
+        _print_tap(run_dir)
+    return int(summ["exit_status"])
+
+
 def run_suite(path: Path, out: str | None, profile_name: str | None, inputs: Inputs,
-              cold: bool, tap_out: bool = False) -> int:
+              cold: bool, tap_out: bool = False, kernels_arg: str | None = None,
+              profiles_arg: str | None = None) -> int:
     t0 = time.monotonic()
     s = suite.load(path)  # validates every playbook before anything boots
+    if s.is_matrix or kernels_arg or profiles_arg:
+        if profile_name:
+            raise UsageError("--profile: a matrix names its profiles (--profiles or the "
+                             "suite's matrix.profile)")
+        for entry in s.entries:
+            inputs.check(playbook.load(entry.playbook))
+        return run_matrix(path, s, out, kernels_arg, profiles_arg, inputs, cold, tap_out)
     for entry in s.entries:
         inputs.check(playbook.load(entry.playbook))
     run_dir = new_run_dir(out, s.name)
@@ -230,3 +291,56 @@ def run_suite(path: Path, out: str | None, profile_name: str | None, inputs: Inp
     if tap_out:
         _print_tap(run_dir)
     return code
+
+
+def bisect(playbook_arg: str, good: str, bad: str, out: str | None,
+           profile_name: str | None) -> int:
+    """`lab bisect` over Debian's kernels of one suite: the first bad ABI, each step one run."""
+    from lab import bisect as bs
+    from lab.image import load_recipe
+    from lab.kernel import DebianKernel
+
+    pb = playbook.load(Path(playbook_arg))
+    profile = profile_for(profile_name, pb.profile)
+    g, b = DebianChoice.parse(good, "--good"), DebianChoice.parse(bad, "--bad")
+    recipe = load_recipe(pb.for_profile(profile).levels["l0"].recipe)
+    if not isinstance(recipe.kernel, DebianKernel):
+        raise UsageError(f"{recipe.path}: L0's recipe is a build tree; bisect it with "
+                         "--kernel-tree")
+    cands = bs.debian_candidates(g, b, recipe.kernel.package, bs.image_packages(g))
+    run_dir = new_run_dir(out, f"bisect-{pb.name}")
+    # Each kernel boots once: nothing to save for a warm start, no debug symbols to fetch.
+    once = dataclasses.replace(pb, snapshot="off")
+    print(f"bisect {pb.name}: {len(cands)} kernels from {g.spec} (good) to {b.spec} (bad)")
+
+    def oracle(i: int) -> str:
+        c = cands[i]
+        sub = run_dir / str(c.abi)
+        sub.mkdir(mode=0o700, parents=True, exist_ok=True)
+        # An ABI names its kernel exactly: nothing to pin in the lock file for a bisect step.
+        rep = run_playbook(once, sub, profile, Inputs(debian=c, debug=False, latest=True),
+                           started=time.monotonic())
+        v = bs.verdict_of(rep.exit_status)
+        print(f"  {c.spec}: {v or 'stop'} (exit {rep.exit_status}) {sub}/report.html")
+        if v is None:
+            raise UsageError(f"{c.spec}: the playbook's run said exit {rep.exit_status}; "
+                             "expected 0, 1 or 3")
+        return v
+
+    res = bs.search(len(cands), oracle)
+    result = {"playbook": str(pb.path), "good": g.spec, "bad": b.spec,
+              "candidates": [c.spec for c in cands],
+              "tested": [{"kernel": cands[i].spec, "verdict": v} for i, v in res.tested],
+              "first_bad": cands[res.first_bad].spec if res.first_bad is not None else None}
+    (run_dir / "bisect.json").write_text(json.dumps(result, indent=1) + "\n")
+    if res.first_bad is None:
+        lo, hi = res.range
+        print(f"no first bad kernel: every one between {cands[lo].spec} and {cands[hi].spec} "
+              f"was skipped; {run_dir}/bisect.json")
+        return EXIT_INFRA
+    first = cands[res.first_bad]
+    report = run_dir / str(first.abi) / "report.html"
+    where = f"its report: {report}" if report.exists() else "(the --bad kernel: not run)"
+    print(f"first bad: {first.spec} after {len(res.tested)} runs; {where}; "
+          f"{run_dir}/bisect.json")
+    return 0

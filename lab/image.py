@@ -199,9 +199,10 @@ class Builder:
         self.cache = cache
 
     def build(self, recipe: Recipe, child: BuiltImage | None = None,
-              with_debug: bool = True, qemu: bool = False) -> BuiltImage:
+              with_debug: bool | None = True, qemu: bool = False) -> BuiltImage:
         """Build (or find in the cache) the image for `recipe`, carrying `child` if given,
-        and QEMU if it has a child or `qemu` says so."""
+        and QEMU if it has a child or `qemu` says so. `with_debug`: fetch the kernel's debug
+        symbols beside it (None: if the archive serves them; a warning if it does not)."""
         t0 = time.monotonic()
         kernel = recipe.kernel.fetch(self.cache)
         plan = self._plan(recipe, kernel.module_root, kernel.release, child,
@@ -214,12 +215,15 @@ class Builder:
         with locked(self.cache / "images" / f".{recipe.name}-{key}.lock"):
             if (out / "manifest.json").exists():
                 img = BuiltImage.load(out)
-                if with_debug and not img.manifest.get("debug"):
-                    # Built earlier with --no-debug: the image is the same, the symbols
-                    # beside it are fetched now.
-                    img.manifest["debug"] = _debug_manifest(self._debug(recipe))
-                    # Whole or not at all: an empty manifest would fail every later run.
-                    write_atomic(out / "manifest.json", json.dumps(img.manifest, indent=1))
+                if with_debug is not False and not img.manifest.get("debug"):
+                    # Built earlier without: the image is the same, the symbols beside it
+                    # are fetched now.
+                    debug = self._debug(recipe, with_debug)
+                    if debug is not None:
+                        img.manifest["debug"] = _debug_manifest(debug)
+                        # Whole or not at all: an empty manifest would fail every later run.
+                        write_atomic(out / "manifest.json",
+                                     json.dumps(img.manifest, indent=1))
                 os.utime(out)  # most recently used (`lab cache prune` drops the oldest)
                 return img
             log.info(f"building image {recipe.name} ({kernel.label}"
@@ -235,7 +239,7 @@ class Builder:
             with os.fdopen(fd, "wb") as f:
                 self._tree(plan).write(f)
             (tmp / "host_key").unlink()  # the private half lives only inside the image
-            debug = self._debug(recipe) if with_debug else None
+            debug = self._debug(recipe, with_debug)
             manifest = {
                 "key": key, "recipe": recipe.name, "recipe_path": str(recipe.path),
                 "kernel": {"release": kernel.release, "source": kernel.label,
@@ -255,10 +259,21 @@ class Builder:
                      f"in {manifest['build_seconds']} s")
             return BuiltImage.load(out)
 
-    def _debug(self, recipe: Recipe) -> DebugFiles:
+    def _debug(self, recipe: Recipe, wanted: bool | None) -> DebugFiles | None:
         from lab.symbols import indexed_vmlinux
 
-        debug = recipe.kernel.fetch_debug(self.cache)
+        if wanted is False:
+            return None
+        try:
+            debug = recipe.kernel.fetch_debug(self.cache)
+        except LabError as e:
+            if wanted:
+                raise
+            # Debian's security archive lists -dbg packages it does not serve (bullseye's).
+            log.warning(f"{recipe.name}: no debug symbols for this kernel "
+                        f"({str(e).splitlines()[0]}); probes, injections and decoded kernel "
+                        "events need them")
+            return None
         if debug.vmlinux.exists():
             indexed_vmlinux(debug.vmlinux, self.cache)  # once; `lab gdb` starts fast
         return debug

@@ -161,11 +161,13 @@ def _download(pkg: AptPackage, dest: Path, apt: Apt) -> Path:
         what = f"downloading {pkg.name}={pkg.version} ({apt.label})"
         try:
             apt.run(apt.get_cmd("download", "-q", f"{pkg.name}={pkg.version}"), what, cwd=tmp)
-        except LabError:
+        except LabError as e:
             if apt.root is None or apt.age() < STALE_S:
-                raise LabError(f"{what}: apt ({apt.label}) does not have it (any more?): "
-                               "`lab images update` moves the pin to what the archive "
-                               "has") from None
+                said = str(e).rsplit("failed:", 1)[-1]
+                errs = [ln.strip() for ln in said.splitlines() if ln.startswith("E:")]
+                err = " ".join(errs) or re.sub(r"\s+", " ", said).strip()
+                raise LabError(f"{what}: {err[-300:]} (a version the archive no longer "
+                               "serves? `lab images update` moves a pin)") from None
             apt.update()  # old lists: the pinned version may be in newer ones
             apt.run(apt.get_cmd("download", "-q", f"{pkg.name}={pkg.version}"), what, cwd=tmp)
         log.info(f"downloaded {pkg.name} in {time.monotonic() - t:.1f} s")

@@ -251,7 +251,10 @@ class Lab:
             recipe = self.recipe(name)
             if name == "l0":
                 self.l0_kernel = recipe.kernel
-            st.image = builder.build(recipe, child=child, qemu=st.level.qemu)
+            # L0's symbols are a must where probes or an injection use them; else welcome.
+            needs = name == "l0" and bool(self.pb.probes or self.pb.inject)
+            st.image = builder.build(recipe, child=child, qemu=st.level.qemu,
+                                     with_debug=True if needs else self.inputs.debug)
             child = st.image
             self.report.levels[name] = {
                 "image": st.image.dir.name,

@@ -53,7 +53,14 @@ def read_run(run_dir: Path) -> dict[str, Any]:
 def coordinates(rep: dict[str, Any], kernels: list[Kernel],
                 where: Path) -> tuple[str, str, str]:
     tree = rep.get("kernel_tree")
-    if tree is None:
+    choice = rep.get("kernel_choice")
+    if choice is not None:
+        found = [k.label for k in kernels if k.debian is not None and k.debian.spec == choice]
+        if not found:
+            raise UsageError(f"{where}/report.json: kernel_choice: {choice} is on no kernel of "
+                             "the matrix (--kernels)")
+        label = found[0]
+    elif tree is None:
         label = DEBIAN
     else:
         found = [k.label for k in kernels if k.tree is not None and str(k.tree) == tree]
@@ -85,20 +92,43 @@ def _boot_s(rep: dict[str, Any] | None) -> float | None:
     return None if rep is None else rep.get("phases", {}).get("boot")
 
 
+# A run that ended on one of these could not run on its kernel (a code path an injection
+# patches is not there, say): its cell is skipped, with the reason, not failed.
+SKIP_KINDS = ("injection", "unsupported")
+
+
+def _skipped(rep: dict[str, Any]) -> str | None:
+    err = rep.get("error") or {}
+    return str(err.get("message") or err.get("kind")) if err.get("kind") in SKIP_KINDS else None
+
+
 def summary(name: str, suite_path: Path, merged: list[Merged],
-            kernels: list[Kernel]) -> dict[str, Any]:
+            kernels: list[Kernel], left_out: list[tuple[Cell, str]] | None = None
+            ) -> dict[str, Any]:
+    """The matrix's verdict and its cells; `left_out`: combinations that cannot run at all
+    (a playbook that needs a gdbstub under Bochs), shown as skipped with their reason."""
     cells = []
     for m in merged:
         met, why = m.outcome
         rep = m.report or {}
+        status = rep.get("status", "error")
+        skip = _skipped(rep)
+        if skip is not None:
+            met, why, status = True, f"skipped: {skip}", "skipped"
         cells.append({
             "key": m.cell.key, "playbook": m.cell.name, "profile": m.cell.profile,
             "kernel": m.cell.kernel.label, "expect": m.cell.expect, "met": met, "why": why,
-            "status": rep.get("status", "error"), "exit_status": rep.get("exit_status"),
+            "status": status, "exit_status": rep.get("exit_status"),
             "run_dir": str(m.run_dir) if m.run_dir else None, "boot_s": _boot_s(m.report),
             "seconds": rep.get("phases", {}).get("total"),
             "l0_kernel": (rep.get("levels", {}).get("l0", {}).get("kernel") or {}).get("release"),
             "cases": _cases(rep)})
+    for cell, why in left_out or []:
+        cells.append({
+            "key": cell.key, "playbook": cell.name, "profile": cell.profile,
+            "kernel": cell.kernel.label, "expect": cell.expect, "met": True,
+            "why": f"skipped: {why}", "status": "skipped", "exit_status": None, "run_dir": None,
+            "boot_s": None, "seconds": None, "l0_kernel": None, "cases": {}})
     if any(c["status"] == "error" for c in cells):
         code = EXIT_INFRA
     elif all(c["met"] for c in cells):
@@ -107,7 +137,7 @@ def summary(name: str, suite_path: Path, merged: list[Merged],
         code = EXIT_STEP_FAILED
     return {"name": name, "suite": str(suite_path), "exit_status": code,
             "status": {0: "passed", 1: "failed"}.get(code, "error"),
-            "profiles": sorted({m.cell.profile for m in merged}),
+            "profiles": sorted({c["profile"] for c in cells}),
             "kernels": [k.label for k in kernels], "cells": cells}
 
 
@@ -123,13 +153,28 @@ def _cases(rep: dict[str, Any]) -> dict[str, str]:
     return out
 
 
+def _skipped_suite(cell: Cell, why: str) -> Any:
+    """A cell that could not run here, as JUnit says it: one skipped testcase, with why."""
+    import xml.etree.ElementTree as ET
+
+    sub = ET.Element("testsuite", name=cell.key, tests="1", failures="0", errors="0",
+                     skipped="1")
+    case = ET.SubElement(sub, "testcase", name=cell.name, time="0",
+                         classname=f"{cell.kernel.label}.{cell.profile}.{cell.name}")
+    ET.SubElement(case, "skipped", message=why[:500])
+    return sub
+
+
 def write(out: Path, summ: dict[str, Any], merged: list[Merged], suite_name: str) -> None:
     out.mkdir(parents=True, exist_ok=True)
     write_atomic(out / "report.json", json.dumps(summ, indent=1) + "\n")
     suites = []
     for m in merged:
         axis = f"{m.cell.kernel.label}.{m.cell.profile}."
-        if m.report is None:
+        skip = _skipped(m.report) if m.report is not None else None
+        if skip is not None:
+            sub = _skipped_suite(m.cell, skip)
+        elif m.report is None:
             sub = junit.testsuite({"name": m.cell.name, "run_dir": "", "levels": {},
                                    "steps": [], "phases": {}, "profile": m.cell.profile,
                                    "error": {"message": m.outcome[1]}})
@@ -139,6 +184,11 @@ def write(out: Path, summ: dict[str, Any], merged: list[Merged], suite_name: str
             sub = suite.judged_testsuite(suite_name, m.cell.entry, m.report, axis=axis)
         sub.set("name", m.cell.key)
         suites.append(sub)
+    for c in summ["cells"]:  # combinations that never ran
+        if c["status"] == "skipped" and c["run_dir"] is None:
+            suites.append(_skipped_suite(Cell(Path(c["playbook"]), c["playbook"], c["profile"],
+                                              Kernel(c["kernel"]), suite.Entry(Path(), "passed")),
+                                         c["why"].removeprefix("skipped: ")))
     junit.write(suites, out / "junit.xml", name=suite_name)
     from lab.html import write_matrix
 

@@ -21,6 +21,7 @@ import yaml
 
 from lab import junit, schema
 from lab.errors import EXIT_INFRA, EXIT_PASSED, EXIT_STEP_FAILED, UsageError
+from lab.profiles import PROFILES
 
 SUITE_SPEC = schema.Map({
     "name": schema.Field(schema.run_name()),  # the suite's run directory's name too
@@ -35,6 +36,13 @@ SUITE_SPEC = schema.Map({
             "passed": schema.Field(schema.List(schema.Str(max_len=200)), default=None),
         }), default=None),
     })), required=True),
+    # Every playbook under every kernel and profile named (lab/matrix.py); `lab run` runs the
+    # cells one after another, `lab ci gitlab` makes a job of each.
+    "matrix": schema.Field(schema.Map({
+        "kernel": schema.Field(schema.List(schema.Str(max_len=300)), default=None),
+        "profile": schema.Field(schema.List(schema.Str(choices=tuple(PROFILES))),
+                                default=None),
+    }), default=None),
 })
 
 
@@ -55,6 +63,13 @@ class Suite:
     name: str
     description: str
     entries: list[Entry]
+    kernels: list[str] | None = None  # the matrix's kernel axis, as written (None: no matrix)
+    profiles: list[str] | None = None
+    line: int = 1  # where the matrix is, for errors
+
+    @property
+    def is_matrix(self) -> bool:
+        return self.kernels is not None or self.profiles is not None
 
 
 def is_suite(path: Path) -> bool:
@@ -86,7 +101,11 @@ def load(path: Path) -> Suite:
                              list(cases["passed"] or [])))
     if not entries:
         raise UsageError(f"{path}:1: suite: expected at least one playbook")
-    return Suite(path, data["name"] or path.stem, data["description"], entries)
+    m = data["matrix"]
+    return Suite(path, data["name"] or path.stem, data["description"], entries,
+                 kernels=list(m["kernel"]) if m and m["kernel"] else None,
+                 profiles=list(m["profile"]) if m and m["profile"] else None,
+                 line=data.lines.get("matrix", 1))
 
 
 STALE = "stale or wrong"  # what a guest case says when it read what L0 should have dropped
