@@ -34,8 +34,10 @@ def complete(script: Path, *words: str) -> list[str]:
 def test_commands_options_and_choices(script: Path) -> None:
     assert {"run", "up", "ssh", "down", "doctor", "cache"} <= set(complete(script, "lab", ""))
     assert "_serve" not in complete(script, "lab", "_")  # hidden stays hidden
-    assert complete(script, "lab", "run", "--k") == ["--kernel", "--kernel-tree",
+    assert complete(script, "lab", "run", "--k") == ["--kernel", "--kernel-tree", "--kernels",
                                                      "--kvm-unit-tests"]
+    assert complete(script, "lab", "up", "--k") == ["--kernel", "--kernel-tree",
+                                                    "--kvm-unit-tests"]
     assert complete(script, "lab", "run", "--profile", "") == ["bochs-vmx", "kvm-svm",
                                                               "kvm-vmx", "tcg-svm"]
     assert complete(script, "lab", "ssh", "") == ["l0", "l1", "l2"]
