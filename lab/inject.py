@@ -55,18 +55,32 @@ class Injection:
     kprobe: tuple[str, str] | None = None
     mask: int = 0
     gdb: bool = True  # False: only the kprobe module puts it in (gdb or not)
+    # Helpers `function` calls where newer kernels moved the code (looked in, in order, only
+    # when `function` itself has none of it and does call them).
+    moved_to: tuple[str, ...] = ()
 
     def locate(self, gdb: GdbSession) -> list[Patch]:
         if not self.gdb:
             raise InjectionError(f"{self.name} goes in by the kprobe module only (it changes "
                                  "an argument, which a code patch cannot)")
         insns = disassemble(gdb, self.function)
-        if self.name == "skip-nested-mmu-sync":
-            return self._locate_request(gdb, insns, KVM_REQ_MMU_SYNC)
-        return self._locate_calls(insns, "kvm_mmu_free_roots")
+        if self.name != "skip-nested-mmu-sync":
+            return self._locate_calls(insns, "kvm_mmu_free_roots")
+        patches = self._locate_request(gdb, insns, KVM_REQ_MMU_SYNC, self.function)
+        for helper in self.moved_to:
+            if patches or not any(f"<{helper}>" in _text(i) for i in insns
+                                  if _text(i).startswith("call")):
+                break
+            patches = self._locate_request(gdb, disassemble(gdb, helper), KVM_REQ_MMU_SYNC,
+                                           helper)
+        if len(patches) != 1:
+            where = " or ".join((self.function, *self.moved_to))
+            raise InjectionError(f"{self.name}: expected one KVM_REQ_MMU_SYNC request in "
+                                 f"{where}, found {len(patches)}")
+        return patches
 
     def _locate_request(self, gdb: GdbSession, insns: list[dict[str, Any]],
-                        request: int) -> list[Patch]:
+                        request: int, function: str) -> list[Patch]:
         # kvm_make_request() is `lock orb $BIT, OFFSET(%reg)` on vcpu->requests (the kernel
         # rewrites LOCK to DS on a 1-CPU guest: match both, decode rather than pattern-match).
         ok, base = gdb.evaluate(["(unsigned long)&((struct kvm_vcpu *)0)->requests"])[0]
@@ -81,10 +95,7 @@ class Injection:
             raw = i.get("opcodes", "").replace(" ", "")
             if len(raw) != 10 or raw[:2] not in ("f0", "3e"):
                 raise InjectionError(f"{self.name}: unexpected encoding {raw} for {_text(i)}")
-            patches.append(Patch(self.function, int(i["address"], 16), _text(i), raw, NOP5))
-        if len(patches) != 1:
-            raise InjectionError(f"{self.name}: expected one KVM_REQ_MMU_SYNC request in "
-                                 f"{self.function}, found {len(patches)}")
+            patches.append(Patch(function, int(i["address"], 16), _text(i), raw, NOP5))
         return patches
 
     def _locate_calls(self, insns: list[dict[str, Any]], callee: str) -> list[Patch]:
@@ -107,7 +118,9 @@ INJECTIONS: dict[str, Injection] = {
             "On nested VMRUN, L0 must resync guest_mmu (its shadow of L1's NPT) with whatever "
             "L1 changed since; 6.1 ignores L1's TLB_CONTROL and relies on this "
             "KVM_REQ_MMU_SYNC alone. Without it, leaves L0 has let go unsync keep their old "
-            "translation: the SVM twin of the seed's INVEPT bug."),
+            "translation: the SVM twin of the seed's INVEPT bug. From 6.12 the request is in "
+            "nested_svm_transition_tlb_flush, which #VMEXIT calls too: both lose it.",
+            moved_to=("nested_svm_transition_tlb_flush",)),
         Injection(
             "skip-invept-free-roots", "intel", "handle_invept",
             "The seed's bug: handle_invept() decides which guest_mmu roots L1's INVEPT "
