@@ -30,6 +30,8 @@ from lab.events import Event
 class ConsoleTimeout(BootError):
     """The awaited line did not come in time (the console is still open)."""
 
+    scanned = 0  # lines looked at (and not matching) before the time ran out
+
 
 EXCERPT_BEFORE = 5
 EXCERPT_AFTER = 60
@@ -216,9 +218,11 @@ class Console:
                                  f"; last lines:\n{self.tail()}", level=self.level)
                 left = deadline - time.monotonic()
                 if left <= 0:
-                    raise ConsoleTimeout(f"{self.level}: no {pattern!r} on the console within "
-                                    f"{timeout:.0f} s; last lines:\n{self.tail()}",
-                                    level=self.level, detail=self.tail())
+                    e = ConsoleTimeout(f"{self.level}: no {pattern!r} on the console within "
+                                       f"{timeout:.0f} s; last lines:\n{self.tail()}",
+                                       level=self.level, detail=self.tail())
+                    e.scanned = pos
+                    raise e
                 self._cond.wait(min(left, 0.2))
 
     def wait_progressing(self, pattern: str, since: int, deadline: float, hard: float,
@@ -234,8 +238,10 @@ class Console:
                 idx, _ = self.wait_for(pattern, timeout=min(max(left, 0.01), 2.0), since=pos,
                                        abort=check)
                 return idx, deadline
-            except ConsoleTimeout:
-                pos = len(self.lines)
+            except ConsoleTimeout as e:
+                # Go on from where the look ended, not from the end of the lines now: a
+                # line that came in between (the one awaited, perhaps) is still to be seen.
+                pos = e.scanned
                 check()
                 now = time.monotonic()
                 if now >= deadline:

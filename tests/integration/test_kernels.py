@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
+import subprocess
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
@@ -61,3 +63,58 @@ def test_bisect_finds_the_planted_regression(tmp_path: Path) -> None:
     for k, v in verdicts.items():  # every verdict is the kernel's truth
         assert v == ("bad" if int(k.rsplit("-", 1)[1]) >= 53 else "good"), (k, v)
     assert not qemu_pids(str(out))
+
+
+def _assemble_tree(tree: Path, abi: str) -> None:
+    """A kernel build tree as `--kernel-tree` reads one (bzImage, kernel.release, the *.ko in
+    place), assembled from Debian's files of one 6.1 ABI, with a Makefile whose targets have
+    nothing left to build."""
+    from lab.cache import cache_root
+    from lab.kernel import DebianChoice
+
+    files = DebianChoice("bookworm", abi).kernel_for("linux-image-cloud-amd64").fetch(
+        cache_root())
+    (tree / "arch/x86/boot").mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(files.bzimage, tree / "arch/x86/boot/bzImage")
+    (tree / "include/config").mkdir(parents=True, exist_ok=True)
+    (tree / "include/config/kernel.release").write_text(files.release + "\n")
+    for d in ("drivers", "arch/x86/kvm", "virt"):
+        shutil.rmtree(tree / d, ignore_errors=True)
+    for ko in files.module_root.rglob("*.ko"):
+        rel = ko.relative_to(files.module_root)
+        if rel.parts[0] in ("drivers", "virt") or rel.parts[:3] == ("arch", "x86", "kvm"):
+            (tree / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(ko, tree / rel)
+    (tree / "Makefile").write_text("olddefconfig bzImage modules:\n\t@true\n")
+
+
+def test_kernel_tree_boots_and_bisects(tmp_path: Path) -> None:
+    tree = tmp_path / "linux"
+    tree.mkdir()
+    git = ["git", "-C", str(tree), "-c", "user.name=lab", "-c", "user.email=lab@localhost"]
+    subprocess.run([*git, "init", "-q"], check=True)
+    commits = []
+    for abi in ("6.1.0-52", "6.1.0-53", "6.1.0-54"):
+        _assemble_tree(tree, abi)
+        subprocess.run([*git, "add", "-A"], check=True)
+        subprocess.run([*git, "commit", "-qm", abi], check=True)
+        commits.append(subprocess.run([*git, "rev-parse", "HEAD"], check=True, text=True,
+                                      capture_output=True).stdout.strip())
+    # The tree as it is (6.1.0-54) boots as L0.
+    out = tmp_path / "run"
+    r = lab("run", "playbooks/smoke.yaml", "--kernel-tree", str(tree), "--out", str(out),
+            timeout=900)
+    rep = json.loads((out / "report.json").read_text())
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert rep["kernel_tree"] == str(tree) and \
+        rep["levels"]["l0"]["kernel"]["release"] == "6.1.0-54-cloud-amd64"
+    # Its history bisected by git with a lab run at each commit: 6.1.0-53 is the first bad.
+    cfg = tmp_path / "config"
+    cfg.write_text("CONFIG_KVM=m\n")
+    r = lab("bisect", str(ROOT / "tests" / "data" / "bisect-oracle.yaml"), "--kernel-tree",
+            str(tree), "--good", commits[0], "--bad", commits[2], "--config", str(cfg),
+            "--out", str(tmp_path / "bisect"), timeout=1800)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert f"first bad: {commits[1]}" in r.stdout
+    assert subprocess.run([*git, "bisect", "log"], capture_output=True).returncode != 0, \
+        "git bisect was left started"

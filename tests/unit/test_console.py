@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from lab.console import Console
+from lab.console import Console, ConsoleTimeout
 from lab.errors import GuestCrash, VMDied
 from lab.events import detect as classify
 
@@ -110,3 +110,31 @@ def test_an_endless_line_is_kept_in_bounded_pieces(tmp_path: Path) -> None:
     peer.close()
     con.close()
     assert (tmp_path / "l9.console.log").read_bytes().startswith(blob)  # the log has it whole
+
+
+def test_a_line_that_comes_as_a_wait_times_out_is_still_seen(tmp_path: Path) -> None:
+    """The awaited line arrives just after one look at the console gave up (its 2 s slice
+    ran out) and before the next begins: it must not be skipped (it once was: a level whose
+    `LAB-INIT: ready` was in its console log failed to boot)."""
+    con, peer = _console(tmp_path)
+    peer.sendall(b"booting\r\n")
+    con.wait_for("booting", timeout=5)
+    real = con.wait_for
+    calls = []
+
+    def racing(pattern: str, timeout: float, since: int = 0, abort: object = None):  # type: ignore[no-untyped-def]
+        calls.append(since)
+        try:
+            return real(pattern, timeout=min(timeout, 0.05), since=since)
+        except ConsoleTimeout:
+            if len(calls) == 1:
+                con._line(b"LAB-INIT: ready")
+            raise
+
+    con.wait_for = racing  # type: ignore[method-assign]
+    now = time.monotonic()
+    idx, _ = con.wait_progressing("LAB-INIT: ready", 0, now + 1.0, now + 1.0, 0.0,
+                                  lambda: None)
+    assert con.lines[idx].text == "LAB-INIT: ready" and len(calls) == 2
+    peer.close()
+    con.close()
