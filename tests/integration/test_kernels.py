@@ -74,17 +74,19 @@ def _assemble_tree(tree: Path, abi: str) -> None:
 
     files = DebianChoice("bookworm", abi).kernel_for("linux-image-cloud-amd64").fetch(
         cache_root())
+    # The modules the images load and what they depend on (virtio, net, kvm, input).
+    wanted = ("drivers", "net", "virt", "lib", "arch")
+    for d in wanted:
+        shutil.rmtree(tree / d, ignore_errors=True)
+    for ko in files.module_root.rglob("*.ko"):
+        rel = ko.relative_to(files.module_root)
+        if rel.parts[0] in wanted:
+            (tree / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(ko, tree / rel)
     (tree / "arch/x86/boot").mkdir(parents=True, exist_ok=True)
     shutil.copyfile(files.bzimage, tree / "arch/x86/boot/bzImage")
     (tree / "include/config").mkdir(parents=True, exist_ok=True)
     (tree / "include/config/kernel.release").write_text(files.release + "\n")
-    for d in ("drivers", "arch/x86/kvm", "virt"):
-        shutil.rmtree(tree / d, ignore_errors=True)
-    for ko in files.module_root.rglob("*.ko"):
-        rel = ko.relative_to(files.module_root)
-        if rel.parts[0] in ("drivers", "virt") or rel.parts[:3] == ("arch", "x86", "kvm"):
-            (tree / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(ko, tree / rel)
     (tree / "Makefile").write_text("olddefconfig bzImage modules:\n\t@true\n")
 
 
