@@ -213,7 +213,8 @@ class Playbook:
                 raise UsageError(f"{self.path}:{self.lines.get('inject', 1)}: inject: "
                                  f"{self.inject} patches L0 through gdb, and profile "
                                  f"{profile.name} has no gdbstub")
-        return dataclasses.replace(self, levels=levels, probe_backend=backend)
+        return dataclasses.replace(self, levels=levels, probe_backend=backend,
+                                   expect_events=[*self.expect_events, *profile.known_events])
 
     def probe_specs(self, vendor: str) -> list[Any]:
         return load_probes(self.probes, vendor)
