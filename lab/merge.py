@@ -115,6 +115,8 @@ def summary(name: str, suite_path: Path, merged: list[Merged],
         skip = _skipped(rep)
         if skip is not None:
             met, why, status = True, f"skipped: {skip}", "skipped"
+        elif status == "error" and rep.get("error"):
+            why = f"{why}: {str(rep['error'].get('message', '')).splitlines()[0][:300]}"
         cells.append({
             "key": m.cell.key, "playbook": m.cell.name, "profile": m.cell.profile,
             "kernel": m.cell.kernel.label, "expect": m.cell.expect, "met": met, "why": why,
