@@ -44,18 +44,35 @@ def vmlinux_from_bzimage(bzimage: Path, cache: Path) -> Path:
         offset, length = struct.unpack_from("<II", data, 0x248)
         start = (setup_sects + 1) * 512 + offset
         payload = data[start:start + length]
-        if not payload.startswith(b"\xfd7zXZ"):
-            raise NoPvh(f"{bzimage}: payload is not xz (only xz is unpacked here)")
-        try:
-            elf = lzma.LZMADecompressor(format=lzma.FORMAT_XZ).decompress(payload)
-        except lzma.LZMAError as e:
-            raise NoPvh(f"{bzimage}: cannot unpack its payload: {e}") from None
+        elf = _decompress(bzimage, payload)
         if not _has_pvh_entry(elf):
             raise NoPvh(f"{bzimage}: the kernel has no PVH entry (CONFIG_PVH)")
         tmp = out.with_suffix(".tmp")
         tmp.write_bytes(elf)
         tmp.rename(out)
     return out
+
+
+def _decompress(bzimage: Path, payload: bytes) -> bytes:
+    """The payload's ELF: xz (Debian up to 6.1) or zstd (6.12 on). The kernel's build appends
+    the uncompressed size as 4 bytes; zstd's own tool wants the frame alone."""
+    if payload.startswith(b"\xfd7zXZ"):
+        try:
+            return lzma.LZMADecompressor(format=lzma.FORMAT_XZ).decompress(payload)
+        except lzma.LZMAError as e:
+            raise NoPvh(f"{bzimage}: cannot unpack its payload: {e}") from None
+    if payload.startswith(b"\x28\xb5\x2f\xfd"):
+        size = struct.unpack_from("<I", payload, len(payload) - 4)[0]
+        try:
+            p = subprocess.run(["zstd", "-d", "-c", "-q"], input=payload[:-4],
+                               capture_output=True, timeout=300)
+        except FileNotFoundError:
+            raise NoPvh(f"{bzimage}: its payload is zstd and zstd is not installed") from None
+        if p.returncode != 0 or len(p.stdout) != size:
+            raise NoPvh(f"{bzimage}: cannot unpack its zstd payload: "
+                        f"{p.stderr.decode(errors='replace').strip()[:200]}")
+        return p.stdout
+    raise NoPvh(f"{bzimage}: payload is neither xz nor zstd ({payload[:4].hex()})")
 
 
 def _has_pvh_entry(elf: bytes) -> bool:

@@ -152,3 +152,23 @@ def test_the_emulators_own_boot_warning_is_expected_under_bochs_only() -> None:
                                                           "topology_common.c:57")
     assert any(e.matches(ev) for e in pb.for_profile(get_profile("bochs-vmx")).expect_events)
     assert not any(e.matches(ev) for e in pb.for_profile(get_profile("tcg-svm")).expect_events)
+
+
+def test_bzimage_payloads_xz_and_zstd(tmp_path: Path) -> None:
+    """6.12 on compress the kernel with zstd (and append its size): both unpack for the PVH
+    entry; anything else says what it is."""
+    import lzma
+    import struct
+    import subprocess
+
+    from lab.machines.pvh import NoPvh, _decompress
+
+    elf = b"\x7fELF" + bytes(range(256)) * 64
+    size = struct.pack("<I", len(elf))
+    assert _decompress(tmp_path, lzma.compress(elf, format=lzma.FORMAT_XZ) + size) == elf
+    z = subprocess.run(["zstd", "-q", "-c"], input=elf, capture_output=True, check=True).stdout
+    assert _decompress(tmp_path, z + size) == elf
+    with pytest.raises(NoPvh, match="cannot unpack its zstd payload"):
+        _decompress(tmp_path, z + struct.pack("<I", len(elf) + 1))
+    with pytest.raises(NoPvh, match="neither xz nor zstd"):
+        _decompress(tmp_path, b"\x1f\x8b\x08\x00" + bytes(16))
