@@ -98,6 +98,7 @@ PARTS = {
     "downloads": ("downloaded packages (not needed once unpacked)", True),
     "tools": ("the guest programs, built", True),
     "selftests": ("KVM selftests built per kernel (selftests steps)", True),
+    "apt": ("the lab's own apt roots, one per Debian suite (package lists)", False),
     "pvhboot": ("the multiboot loader for Bochs's PVH entry", True),
     "keys": ("the lab's SSH client key", False),
     "run": ("running labs: sockets and records", False),
