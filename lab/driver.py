@@ -184,8 +184,14 @@ def run(path: Path, out: str | None, profile_name: str | None, inputs: Inputs,
     if suite.is_suite(path):
         return run_suite(path, out, profile_name, inputs, cold, tap_out, kernels_arg,
                          profiles_arg)
-    if kernels_arg or profiles_arg:
-        raise UsageError("--kernels/--profiles: a matrix is a suite's; give a suite")
+    if kernels_arg or profiles_arg:  # one playbook as a matrix of its own
+        from lab import matrix
+
+        if profile_name:
+            raise UsageError("--profile with --profiles: give the profiles as --profiles")
+        one = matrix.single(path)
+        inputs.check(playbook.load(path))
+        return run_matrix(path, one, out, kernels_arg, profiles_arg, inputs, cold, tap_out)
     pb = playbook.load(path)
     profile = profile_for(profile_name, pb.profile)
     inputs.check(pb)

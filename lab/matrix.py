@@ -122,7 +122,7 @@ def cells(suite_path: Path, profiles: list[str] | None,
 def plan(suite_path: Path, profiles: list[str] | None, kernels: list[Kernel]
          ) -> tuple[suite.Suite, list[Cell], list[tuple[Cell, str]]]:
     """The cells that run, and those that cannot, each with the reason."""
-    s = suite.load(suite_path) if suite.is_suite(suite_path) else _single(suite_path)
+    s = suite.load(suite_path) if suite.is_suite(suite_path) else single(suite_path)
     out: list[Cell] = []
     skipped: list[tuple[Cell, str]] = []
     for entry in s.entries:
@@ -148,7 +148,7 @@ def plan(suite_path: Path, profiles: list[str] | None, kernels: list[Kernel]
     return s, out, skipped
 
 
-def _single(path: Path) -> suite.Suite:
+def single(path: Path) -> suite.Suite:
     """A playbook on its own is a suite of one."""
     pb = playbook.load(path)
     return suite.Suite(path, pb.name, pb.description, [suite.Entry(path.resolve(), "passed")])
