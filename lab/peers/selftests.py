@@ -77,7 +77,8 @@ class Built:
 
 def _source(kernel: KernelSource, cache: Path, work: Path) -> Path:
     """The kernel's source tree: unpacked from Debian's linux-source package into `work`, or
-    the build tree itself (built from out of the tree, it is not written to)."""
+    the build tree itself (its headers_install runs there, as `make headers` would; the
+    selftests' objects and binaries go to the cache)."""
     if isinstance(kernel, TreeKernel):
         if not (kernel.path / "tools/testing/selftests/kvm/Makefile").is_file():
             raise UsageError(f"{kernel.path}: no tools/testing/selftests/kvm in the tree")
