@@ -215,9 +215,9 @@ class SSHSession:
 
     def _exec(self, command: str, timeout: float,
               check: Callable[[], None] | None) -> paramiko.Channel:
-        """A channel running `command`. A channel that the server closed before it took the
-        request (seen right after an SFTP transfer on a restored lab) ran nothing: once more
-        on a new channel."""
+        """A channel running `command`. A channel that the server closed before it answered
+        the request (dropbear, right after an SFTP transfer: "Channel is not open", "Channel
+        closed.") did not start it: once more on a new channel."""
         for attempt in (1, 2):
             chan = self._open_session(timeout, check)
             try:
@@ -226,7 +226,7 @@ class SSHSession:
                 return chan
             except paramiko.SSHException as e:
                 chan.close()
-                if attempt == 2 or "not open" not in str(e):
+                if attempt == 2 or not any(w in str(e) for w in ("not open", "Channel closed")):
                     raise SSHError(f"{self.level}: cannot run `{command[:60]}`: {e}",
                                    level=self.level) from None
                 log.info(f"{self.level}: the channel closed before it took the command; "

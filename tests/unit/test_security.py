@@ -122,3 +122,43 @@ def test_down_signals_only_the_owner_it_can_prove(tmp_path: Path) -> None:
     finally:
         bystander.kill()
         bystander.wait()
+
+
+def test_a_channel_closed_before_it_took_the_command_is_opened_again() -> None:
+    """dropbear, right after an SFTP transfer, has closed a fresh channel before answering its
+    exec request: the command did not start, so it goes once more on a new channel; any other
+    refusal, or a second one, is an error of the session."""
+    import paramiko
+
+    from lab.errors import SSHError
+    from lab.ssh import SSHSession
+
+    class Chan:
+        def __init__(self, fail: str | None) -> None:
+            self.fail, self.closed = fail, False
+
+        def exec_command(self, command: str) -> None:
+            if self.fail:
+                raise paramiko.SSHException(self.fail)
+
+        def close(self) -> None:
+            self.closed = True
+
+    def session(*fails: str | None) -> tuple[SSHSession, list[Chan]]:
+        s = SSHSession.__new__(SSHSession)
+        s.level = "l1"
+        chans = [Chan(f) for f in fails]
+        it = iter(chans)
+        s._open_session = lambda timeout, check: next(it)  # type: ignore[method-assign]
+        return s, chans
+
+    s, chans = session("Channel closed.", None)
+    assert s._exec("true", 5, None) is chans[1] and chans[0].closed
+    s, chans = session("Channel is not open", None)
+    assert s._exec("true", 5, None) is chans[1]
+    s, _ = session("Channel closed.", "Channel closed.")
+    with pytest.raises(SSHError, match="cannot run `true`: Channel closed"):
+        s._exec("true", 5, None)
+    s, _ = session("Administratively prohibited")
+    with pytest.raises(SSHError, match="Administratively prohibited"):
+        s._exec("true", 5, None)
