@@ -14,14 +14,13 @@ import hashlib
 import logging
 import os
 import re
-import shutil
 import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from lab.cache import locked, write_atomic
-from lab.errors import LabError, UsageError
+from lab.errors import LabError
 
 log = logging.getLogger(__name__)
 
@@ -105,19 +104,6 @@ def host_mirrors(sources: tuple[Path, ...] = HOST_SOURCES) -> Mirrors:
     return Mirrors(archive, security)
 
 
-def host_suite() -> str:
-    """The host's own Debian release (its apt serves the recipes that name no suite)."""
-    try:
-        text = Path("/etc/os-release").read_text()
-    except OSError:
-        return ""
-    m = re.search(r"^VERSION_CODENAME=\"?([a-z]+)", text, re.M)
-    return m.group(1) if m else ""
-
-
-def check_suite(suite: str, where: str) -> None:
-    if suite not in SUITES:
-        raise UsageError(f"{where}: {suite!r}: expected one of {', '.join(SUITES)}")
 
 
 class Apt:
@@ -185,7 +171,7 @@ class Apt:
             self._write_sources()
             t = time.monotonic()
             log.info(f"apt: fetching the package lists of {self.suite} (the lab's own root)")
-            self._run(["apt-get", "-q", *self.options(), "update"], f"apt-get update "
+            self.run(["apt-get", "-q", *self.options(), "update"], f"apt-get update "
                       f"({self.suite})")
             log.info(f"apt: {self.suite} lists in {time.monotonic() - t:.1f} s")
 
@@ -205,7 +191,7 @@ class Apt:
         return ["apt-get", *self.options(), *args]
 
     @staticmethod
-    def _run(cmd: list[str], what: str, cwd: Path | None = None) -> str:
+    def run(cmd: list[str], what: str, cwd: Path | None = None) -> str:
         try:
             p = subprocess.run(cmd, capture_output=True, text=True, cwd=cwd, timeout=1800,
                                env={**os.environ, "LC_ALL": "C"})
@@ -215,11 +201,3 @@ class Apt:
             raise LabError(f"{what}: `{' '.join(cmd[:1] + cmd[-2:])}` failed: "
                            f"{p.stderr.strip()[-500:]}")
         return p.stdout
-
-    def run(self, cmd: list[str], what: str, cwd: Path | None = None) -> str:
-        return self._run(cmd, what, cwd)
-
-
-def clear(cache: Path, suite: str) -> None:
-    """Forget a suite's root (its lists are fetched again on next use)."""
-    shutil.rmtree(cache / "apt" / suite, ignore_errors=True)

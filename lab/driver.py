@@ -95,20 +95,15 @@ class Inputs:
     debug: bool | None = None
 
     @classmethod
-    def from_args(cls, kernel_tree_arg: str | None, kut_arg: str | None,
-                  kernel_arg: str | None = None, latest: bool = False) -> Inputs:
-        kut = kut_arg or config.load().kvm_unit_tests
-        if kernel_arg and kernel_tree_arg:
-            raise UsageError("--kernel and --kernel-tree: give one kernel for L0, not two")
-        return cls(kernel_tree=kernel_tree(kernel_tree_arg),
-                   kvm_unit_tests=Path(kut).expanduser().resolve() if kut else None,
-                   debian=DebianChoice.parse(kernel_arg, "--kernel") if kernel_arg else None,
-                   latest=latest)
-
-    @classmethod
     def from_namespace(cls, args: Any) -> Inputs:
-        """From `lab run`/`lab up`'s options."""
-        return cls.from_args(args.kernel_tree, args.kvm_unit_tests, args.kernel, args.latest)
+        """From `lab run`/`lab up`'s options (and the config file's defaults)."""
+        kut = args.kvm_unit_tests or config.load().kvm_unit_tests
+        if args.kernel and args.kernel_tree:
+            raise UsageError("--kernel and --kernel-tree: give one kernel for L0, not two")
+        return cls(kernel_tree=kernel_tree(args.kernel_tree),
+                   kvm_unit_tests=Path(kut).expanduser().resolve() if kut else None,
+                   debian=DebianChoice.parse(args.kernel, "--kernel") if args.kernel else None,
+                   latest=args.latest)
 
     def argv(self) -> list[str]:
         """These inputs as `lab` options (for `lab up`'s background half, and CI jobs)."""

@@ -104,6 +104,19 @@ def _fields(record: str) -> dict[str, str]:
     return dict(Deb822(record.splitlines()))
 
 
+def _dependencies(pkg: AptPackage, names: str, relations: str, apt: Apt) -> list[AptPackage]:
+    """The packages `pkg` depends on whose names start with the pattern `names`, at the
+    versions its Depends names them with one of `relations` (`=`, `=|>=`)."""
+    out = apt.run(apt.cache_cmd("show", f"{pkg.name}={pkg.version}"),
+                  f"reading {pkg.name}'s dependencies through apt ({apt.label})")
+    found = []
+    for dep in _fields(out.split("\n\n")[0]).get("Depends", "").split(","):
+        m = re.match(rf"\s*({names}[\w.+-]+)\s*\((?:{relations})\s*([^)]+)\)", dep)
+        if m:
+            found.append(apt_show(m.group(1), m.group(2).strip(), apt))
+    return found
+
+
 def apt_resolve_image(meta: str, apt: Apt | None = None) -> str:
     """Follow a metapackage (linux-image-cloud-amd64) to the versioned image package."""
     if re.match(r"linux-image-\d", meta):
@@ -301,14 +314,7 @@ class DebianKernel:
         """The packages that hold the kernel: the image package itself, and since Debian's
         7.x the linux-binary/-modules/-base packages it depends on (the vmlinuz, the modules
         and System.map are no longer in it)."""
-        out = self.apt.run(self.apt.cache_cmd("show", f"{pkg.name}={pkg.version}"),
-                           f"reading {pkg.name}'s dependencies")
-        deps = _fields(out.split("\n\n")[0]).get("Depends", "")
-        parts = [pkg]
-        for m in re.finditer(r"(linux-(?:binary|modules|base)-[\w.+-]+)\s*\(=\s*([^)]+)\)",
-                             deps):
-            parts.append(apt_show(m.group(1), m.group(2).strip(), self.apt))
-        return parts
+        return [pkg, *_dependencies(pkg, r"linux-(?:binary|modules|base)-", "=", self.apt)]
 
     def fetch(self, cache: Path) -> KernelFiles:
         pkg = self._resolve()
@@ -358,15 +364,8 @@ class DebianKernel:
         with locked(cache / "headers" / f"{rel}.lock"):
             if not root.exists():  # apt is asked only the first time
                 hdr = apt_show(f"linux-headers-{rel}", pkg.version, self.apt)
-                deps = self.apt.run(self.apt.cache_cmd("show", f"{hdr.name}={hdr.version}"),
-                                    f"resolving {hdr.name} through apt")
-                m = re.search(r"^Depends: (.*)$", deps, re.M)
-                wanted = [hdr]
-                for dep in (m.group(1).split(",") if m else []):
-                    dm = re.match(r"\s*(linux-(?:headers|kbuild)-[\w.+-]+)\s*"
-                                  r"\((?:=|>=)\s*([^)]+)\)", dep)
-                    if dm:
-                        wanted.append(apt_show(dm.group(1), dm.group(2).strip(), self.apt))
+                wanted = [hdr, *_dependencies(hdr, r"linux-(?:headers|kbuild)-", "=|>=",
+                                              self.apt)]
                 tmp = root.with_name(root.name + ".tmp")
                 shutil.rmtree(tmp, ignore_errors=True)
                 for p in wanted:

@@ -88,6 +88,7 @@ class Lab:
                        on_owner=self._on_gdbstub_owner, on_hold=self._on_hold)
         self.l0_kernel: KernelSource | None = None  # what a module for L0 is built against
         self.l0_symbols: RunningKernel | None = None
+        self.recipes: dict[str, Recipe] = {}  # level -> its image recipe, as built
         self.selftests_built: dict[str, selftests.Built] = {}  # level -> its kernel's tests
         self.phase = "validate"
 
@@ -248,7 +249,7 @@ class Lab:
         # Deepest level first: a parent's image carries its child's kernel and initramfs.
         for name in reversed(list(self.levels)):
             st = self.levels[name]
-            recipe = self.recipe(name)
+            recipe = self.recipes[name] = self.recipe(name)
             if name == "l0":
                 self.l0_kernel = recipe.kernel
             # L0's symbols are a must where probes or an injection use them; else welcome.
@@ -266,7 +267,7 @@ class Lab:
         for step in self.pb.steps:
             if step.selftests is None or step.on in self.selftests_built:
                 continue
-            kernel = self.recipe(step.on).kernel
+            kernel = self.recipes[step.on].kernel
             built = self.selftests_built[step.on] = selftests.build(kernel, self.cache)
             built.select(step.selftests.tests, self.profile.vendor, step.selftests.where)
 

@@ -7,6 +7,7 @@ files).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Callable
@@ -95,6 +96,19 @@ def run(step: Step, index: int, ssh: SSHSession, steps_dir: Path, speed_factor: 
     if res.status == "failed":
         log.info(f"  FAILED: {res.message}\n{_indent(r.stdout + r.stderr)}")
     return res
+
+
+def run_part(step: Step, part: str, command: str, timeout: float,
+             judge: Callable[[int, str, str], Verdict], index: int, ssh: SSHSession,
+             steps_dir: Path, speed_factor: float, check: Callable[[], None],
+             into: list[StepResult], missing_events: Callable[[], list[str]]) -> StepResult:
+    """One part of a peer suite's step (a kvm-unit-tests section, a selftest) run as a step of
+    its own, `STEP PART` in the report and JUnit, judged by `judge(status, stdout, stderr)`;
+    `timeout` as written for the reference host (scaled like any step's)."""
+    sub = dataclasses.replace(step, name=f"{step.name} {part}", run=command, tap=False,
+                              timeout=round(timeout))
+    return run(sub, index, ssh, steps_dir, speed_factor, check, into, missing_events,
+               judge=lambda r: judge(r.exit_status, r.stdout, r.stderr))
 
 
 def file_name(name: str) -> str:

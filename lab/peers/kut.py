@@ -12,7 +12,6 @@ and reported with a case per PASS/FAIL/SKIP line.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import logging
 import os
@@ -28,7 +27,7 @@ from lab import steps
 from lab.errors import UsageError
 from lab.playbook import Step
 from lab.report import StepResult
-from lab.ssh import RunResult, SSHSession
+from lab.ssh import SSHSession
 from lab.steps import Verdict
 
 log = logging.getLogger(__name__)
@@ -292,12 +291,6 @@ def run(step: Step, index: int, ssh: SSHSession, steps_dir: Path, speed_factor: 
     for s in sections:
         # The section's timeout was written for the host kvm-unit-tests runs on: scaled too.
         timeout_s = s.timeout_s * speed_factor
-        sub = dataclasses.replace(step, name=f"{step.name} {s.name}",
-                                  run=command(s, timeout_s), tap=False,
-                                  timeout=round(s.timeout_s + QEMU_MARGIN_S))
-        steps.run(sub, index, ssh, steps_dir, speed_factor, check, into, missing_events,
-                  judge=functools.partial(_judge_result, s, timeout_s))
-
-
-def _judge_result(s: Section, timeout_s: float, r: RunResult) -> Verdict:
-    return judge(s, r.exit_status, r.stdout, r.stderr, timeout_s)
+        steps.run_part(step, s.name, command(s, timeout_s), s.timeout_s + QEMU_MARGIN_S,
+                       functools.partial(judge, s, timeout_s=timeout_s), index, ssh,
+                       steps_dir, speed_factor, check, into, missing_events)

@@ -12,7 +12,6 @@ exit 4 is a skip with the test's own reason), each a testcase with its KTAP subt
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import hashlib
 import json
@@ -33,7 +32,7 @@ from lab.errors import LabError, UsageError
 from lab.kernel import DebianKernel, KernelSource, TreeKernel, apt_show, fetch_unpacked
 from lab.playbook import Step
 from lab.report import StepResult
-from lab.ssh import RunResult, SSHSession
+from lab.ssh import SSHSession
 from lab.steps import Verdict
 
 log = logging.getLogger(__name__)
@@ -251,13 +250,7 @@ def run(step: Step, index: int, ssh: SSHSession, steps_dir: Path, speed_factor: 
     for name in names:
         ssh.put(sel.tests[name], f"{GUEST_DIR}/{name}", mode=0o755)
         timeout_s = sel.timeout_s * speed_factor
-        sub = dataclasses.replace(step, name=f"{step.name} {name}",
-                                  run=command(name, timeout_s), tap=False,
-                                  timeout=sel.timeout_s + 60)
-        steps.run(sub, index, ssh, steps_dir, speed_factor, check, into, missing_events,
-                  judge=functools.partial(_judge_result, name, timeout_s))
+        steps.run_part(step, name, command(name, timeout_s), sel.timeout_s + 60,
+                       functools.partial(judge, name, timeout_s=timeout_s), index, ssh,
+                       steps_dir, speed_factor, check, into, missing_events)
         ssh.run(f"rm -f {GUEST_DIR}/{name}", timeout=30, check=check)  # the level's RAM
-
-
-def _judge_result(name: str, timeout_s: float, r: RunResult) -> Verdict:
-    return judge(name, r.exit_status, r.stdout, r.stderr, timeout_s)
