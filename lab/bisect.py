@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import re
 import shlex
+import subprocess
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -119,3 +120,37 @@ def run_command(playbook: Path, tree: Path, config: Path, out: Path, jobs: int,
             f"{shlex.quote(str(out.resolve()))}/$(git rev-parse --short HEAD); s=$?; "
             "[ $s -eq 3 ] && exit 125; exit $s")
     return f"git bisect run sh -c {shlex.quote(step)}"
+
+
+def tree(playbook: Path, tree_dir: Path, good: str, bad: str, config: Path, out: Path,
+         jobs: int, profile: str | None, print_run: bool = False) -> int:
+    """Bisect a kernel tree's commits: git drives the loop (`git bisect run`), each step is
+    `make` with `config` and one lab run; the first bad commit printed, git's bisect reset
+    after. `print_run`: print the two commands instead of running them."""
+    for flag, rev in (("--good", good), ("--bad", bad)):
+        # git bisect start takes a name it cannot resolve as a path to limit the search to.
+        known = subprocess.run(["git", "-C", str(tree_dir), "rev-parse", "--verify", "-q",
+                                f"{rev}^{{commit}}"], capture_output=True, text=True)
+        if known.returncode != 0:
+            raise UsageError(f"{flag} {rev}: not a commit of {tree_dir}")
+    cmd = run_command(playbook, tree_dir, config, out, jobs, profile)
+    start = ["git", "-C", str(tree_dir), "bisect", "start", bad, good, "--"]
+    if print_run:
+        print(" ".join(shlex.quote(a) for a in start))
+        print(f"cd {shlex.quote(str(tree_dir))} && {cmd}")
+        return EXIT_PASSED
+    began = subprocess.run(start, capture_output=True, text=True)
+    if began.returncode != 0:
+        said = began.stderr.strip().splitlines() or [f"exit {began.returncode}"]
+        raise UsageError(f"--good {good} --bad {bad}: git bisect start: {said[-1]}")
+    try:
+        r = subprocess.run(["sh", "-c", cmd], cwd=tree_dir, capture_output=True, text=True)
+        sys.stdout.write(r.stdout)
+        m = re.search(r"^(\w+) is the first bad commit", r.stdout, re.M)
+    finally:
+        subprocess.run(["git", "-C", str(tree_dir), "bisect", "reset"], capture_output=True)
+    if not m:
+        print(f"no first bad commit found (git bisect run: {r.stderr.strip()[-300:]})")
+        return EXIT_INFRA
+    print(f"first bad: {m.group(1)}; its run: {out}/{m.group(1)[:7]}/report.html")
+    return EXIT_PASSED

@@ -9,10 +9,7 @@ import argparse
 import json
 import logging
 import os
-import re
-import shlex
 import signal
-import subprocess
 import sys
 import time
 from importlib import metadata
@@ -231,24 +228,8 @@ def cmd_bisect(args: argparse.Namespace) -> int:
     if not config.is_file():
         raise UsageError(f"--config {args.config}: no such file")
     out = Path(args.out or f"runs/bisect-{Path(args.playbook).stem}").resolve()
-    cmd = bisect.run_command(Path(args.playbook), tree, config, out, args.jobs, args.profile)
-    start = ["git", "-C", str(tree), "bisect", "start", args.bad, args.good]
-    if args.print_run:
-        print(" ".join(shlex.quote(a) for a in start))
-        print(f"cd {shlex.quote(str(tree))} && {cmd}")
-        return 0
-    subprocess.run(start, check=True)
-    try:
-        r = subprocess.run(["sh", "-c", cmd], cwd=tree, capture_output=True, text=True)
-        sys.stdout.write(r.stdout)
-        m = re.search(r"^(\w+) is the first bad commit", r.stdout, re.M)
-    finally:
-        subprocess.run(["git", "-C", str(tree), "bisect", "reset"], capture_output=True)
-    if not m:
-        print(f"no first bad commit found (git bisect run: {r.stderr.strip()[-300:]})")
-        return 3
-    print(f"first bad: {m.group(1)}; its run: {out}/{m.group(1)[:7]}/report.html")
-    return 0
+    return bisect.tree(Path(args.playbook), tree, args.good, args.bad, config, out, args.jobs,
+                       args.profile, print_run=args.print_run)
 
 
 def cmd_completion(args: argparse.Namespace) -> int:

@@ -105,3 +105,19 @@ def test_a_cell_that_cannot_run_is_skipped_with_its_reason(tmp_path: Path) -> No
     html = (tmp_path / "out" / "report.html").read_text()
     assert "no kvm_make_request" in html and json.loads(
         (tmp_path / "out" / "report.json").read_text())["status"] == "passed"
+
+
+def test_tree_bisect_refuses_a_name_that_is_no_commit(tmp_path: Path) -> None:
+    """git bisect start would take such a name as a path to search in, and bisect nothing."""
+    import subprocess
+
+    git = ["git", "-C", str(tmp_path), "-c", "user.name=t", "-c", "user.email=t@t"]
+    subprocess.run([*git, "init", "-q"], check=True)
+    subprocess.run([*git, "commit", "-q", "--allow-empty", "-m", "one"], check=True)
+    cfg = tmp_path / "config"
+    cfg.write_text("CONFIG_KVM=m\n")
+    with pytest.raises(UsageError, match=r"^--good v9\.9: not a commit of "):
+        bisect.tree(ROOT / "playbooks" / "smoke.yaml", tmp_path, "v9.9", "HEAD", cfg,
+                    tmp_path / "out", 1, None)
+    log = subprocess.run([*git, "bisect", "log"], capture_output=True)
+    assert log.returncode != 0  # no bisect was started
