@@ -221,9 +221,11 @@ def run_matrix(path: Path, s: suite.Suite, out: str | None, kernels_arg: str | N
     if inputs.kernel_tree or inputs.debian:
         raise UsageError("--kernel/--kernel-tree: a matrix names its kernels itself "
                          "(--kernels or the suite's matrix.kernel)")
-    kernels = matrix.parse_kernels(kernels_arg or s.kernels,
-                                   "--kernels" if kernels_arg else f"{path}:{s.line}: "
-                                   "matrix.kernel")
+    if kernels_arg:
+        kernels = matrix.parse_kernels(kernels_arg)
+    else:
+        kernels = matrix.parse_kernels(s.kernels, f"{path}:{s.line}: matrix.kernel",
+                                       paths=False)
     profiles = matrix.parse_profiles(profiles_arg) if profiles_arg else s.profiles
     _, cells, skipped = matrix.plan(path, profiles, kernels)
     run_dir = new_run_dir(out, s.name)

@@ -63,9 +63,12 @@ class Cell:
         return args
 
 
-def parse_kernels(spec: str | list[str] | None, where: str = "--kernels") -> list[Kernel]:
+def parse_kernels(spec: str | list[str] | None, where: str = "--kernels",
+                  paths: bool = True) -> list[Kernel]:
     """`debian,6.12,mytree=/src/linux,old=debian:bookworm/6.1.0-47` (or the list a suite's
-    `matrix: {kernel: [...]}` gives) -> the kernel axis (default: debian alone)."""
+    `matrix: {kernel: [...]}` gives) -> the kernel axis (default: debian alone). `paths`:
+    whether NAME=PATH may name a kernel tree (the user's command line may; a suite, which is
+    data, may not name host paths)."""
     if not spec:
         return [Kernel(DEBIAN)]
     items = spec.split(",") if isinstance(spec, str) else spec
@@ -86,6 +89,9 @@ def parse_kernels(spec: str | list[str] | None, where: str = "--kernels") -> lis
         if value.startswith("debian:"):
             out.append(Kernel(label, debian=DebianChoice.parse(value, f"{where}: {label}")))
             continue
+        if not paths:
+            raise UsageError(f"{where}: {item!r}: a suite names kernels, not host paths "
+                             "(give a kernel tree on the command line: --kernels NAME=PATH)")
         tree = Path(value).expanduser().resolve()
         if not tree.is_dir():
             raise UsageError(f"{where}: {label}={value}: not a directory")

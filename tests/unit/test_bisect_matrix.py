@@ -121,3 +121,19 @@ def test_tree_bisect_refuses_a_name_that_is_no_commit(tmp_path: Path) -> None:
                     tmp_path / "out", 1, None)
     log = subprocess.run([*git, "bisect", "log"], capture_output=True)
     assert log.returncode != 0  # no bisect was started
+
+
+def test_a_suites_matrix_names_no_host_path(tmp_path: Path) -> None:
+    with pytest.raises(UsageError, match="a suite names kernels, not host paths"):
+        matrix.parse_kernels(["mine=/src/linux"], "s.yaml:3: matrix.kernel", paths=False)
+    assert matrix.parse_kernels([f"mine={tmp_path}"])[0].tree == tmp_path  # the user's own
+    (tmp_path / "s.yaml").write_text(
+        f"name: s\nsuite:\n  - playbook: {ROOT}/playbooks/smoke.yaml\n"
+        f"matrix:\n  kernel: [\"mine={tmp_path}\"]\n")
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-m", "lab", "run", str(tmp_path / "s.yaml"), "--out",
+                        str(tmp_path / "run")], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "a suite names kernels, not host paths" in r.stderr
+    assert not (tmp_path / "run").exists()
