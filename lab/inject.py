@@ -54,6 +54,7 @@ class Injection:
     # or, with `mask`, runs with its third argument masked.
     kprobe: tuple[str, str] | None = None
     mask: int = 0
+    only_when: int = 0  # with mask: only calls whose third argument has all these bits
     gdb: bool = True  # False: only the kprobe module puts it in (gdb or not)
     # Helpers `function` calls where newer kernels moved the code (looked in, in order, only
     # when `function` itself has none of it and does call them).
@@ -132,6 +133,16 @@ INJECTIONS: dict[str, Injection] = {
             "an INVEPT names but forgets the cached (previous) ones, so only an L2 that "
             "switches back to a cached EPTP sees stale translations.",
             kprobe=("kvm_mmu_free_roots", "handle_invept"), mask=1, gdb=False),
+        Injection(
+            "global-as-single", "intel", "handle_invept",
+            "A global (all-context) INVEPT handled like a single-context one of the running "
+            "EPTP: handle_invept frees the current guest_mmu root only, and every cached root "
+            "survives a global INVEPT; single-context INVEPTs stay right. Only an L2 that "
+            "switches to a cached EPTP after a global INVEPT sees stale translations.",
+            # KVM_MMU_ROOT_CURRENT | the three KVM_MMU_ROOT_PREVIOUS bits: only a global
+            # INVEPT's KVM_MMU_ROOTS_ALL has all four (a single-context one names one EPTP,
+            # which is in one slot at most).
+            kprobe=("kvm_mmu_free_roots", "handle_invept"), mask=1, only_when=0xF, gdb=False),
     )
 }
 ALIASES = {"invalidate-too-little": {"amd": "skip-nested-mmu-sync",
@@ -180,14 +191,16 @@ def load_module(ssh: SSHSession, ko: Path, inj: Injection) -> dict[str, Any]:
     target, caller = inj.kprobe
     remote = f"/tmp/{MODULE}.ko"
     ssh.put(ko, remote)
-    r = ssh.run(f"insmod {remote} target={target} caller={caller} mask={inj.mask} && "
+    r = ssh.run(f"insmod {remote} target={target} caller={caller} mask={inj.mask} "
+                f"only_when={inj.only_when} && "
                 f"dmesg | grep '{MODULE}:' | tail -1", timeout=120)
     if r.exit_status != 0:
         raise InjectionError(f"{inj.name}: insmod {MODULE} failed: "
                              f"{(r.stderr or r.stdout).strip()[-300:]}")
     return {"name": inj.name, "vendor": inj.vendor, "function": inj.function, "why": inj.why,
             "mechanism": "kprobe module", "module": str(ko), "target": target,
-            "caller": caller, "mask": inj.mask, "loaded": r.stdout.strip(), "patches": []}
+            "caller": caller, "mask": inj.mask, "only_when": inj.only_when,
+            "loaded": r.stdout.strip(), "patches": []}
 
 
 def by_gdb(gdb: GdbSession, name: str, vendor: str) -> dict[str, Any]:

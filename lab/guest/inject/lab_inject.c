@@ -5,7 +5,10 @@
  * CALLER: `target=kvm_mmu_free_roots caller=handle_invept` is the seed's bug (handle_invept
  * decides which guest_mmu roots L1's INVEPT names, and then they are not freed). With `mask`,
  * TARGET runs, but its third argument (kvm_mmu_free_roots' roots_to_free, in %rdx) keeps only
- * the bits of `mask`: `mask=1` frees the current root alone and forgets the cached ones.
+ * the bits of `mask`: `mask=1` frees the current root alone and forgets the cached ones. With
+ * `only_when` too, only calls whose third argument has every bit of `only_when` are masked:
+ * `mask=1 only_when=0xf` touches the calls that free the current and all three cached roots
+ * (KVM_MMU_ROOTS_ALL: a global INVEPT) and leaves single-context ones alone.
  *
  * Returning at once means resuming at a function that only returns (what the kernel's own
  * override_function_with_return() does for error injection): the stack is untouched, so it
@@ -31,6 +34,10 @@ static unsigned long mask;
 module_param(mask, ulong, 0444);
 MODULE_PARM_DESC(mask, "0: return at once; else: and TARGET's third argument with this");
 
+static unsigned long only_when;
+module_param(only_when, ulong, 0444);
+MODULE_PARM_DESC(only_when, "with mask: mask only calls whose third argument has all these bits");
+
 static atomic_long_t skipped_calls;
 static int get_skipped(char *buf, const struct kernel_param *kp)
 {
@@ -54,6 +61,8 @@ static int pre(struct kprobe *p, struct pt_regs *regs)
 	if (ret < caller_start || ret >= caller_end)
 		return 0;
 	if (mask) {
+		if ((regs->dx & only_when) != only_when)
+			return 0;
 		/* Restored into %rdx when the kprobe (int3 or ftrace) returns to the target. */
 		if (regs->dx & ~mask)
 			atomic_long_inc(&skipped_calls);
@@ -103,8 +112,9 @@ static int __init lab_inject_init(void)
 		return r;
 	}
 	if (mask)
-		pr_info("lab_inject: %s keeps only %#lx of its 3rd argument when called from %s "
-			"(%#lx-%#lx)\n", target, mask, caller, caller_start, caller_end);
+		pr_info("lab_inject: %s keeps only %#lx of its 3rd argument (when it has %#lx) when "
+			"called from %s (%#lx-%#lx)\n", target, mask, only_when, caller, caller_start,
+			caller_end);
 	else
 		pr_info("lab_inject: %s returns at once when called from %s (%#lx-%#lx)\n",
 			target, caller, caller_start, caller_end);

@@ -24,18 +24,29 @@
 #define L1_PD      0x4000
 #define L2_READ    0x7000          /* L2: read X */
 #define L2_WRITE   0x7100          /* L2: read X, write X+8 */
+#define L2_READV   0x7200          /* L2, paging on: read V */
 #define L1_STACK   0x1F000
 #define X_GPA      0x10000         /* the L2 address under test: leaf index 16 */
 #define PAGES      0x20000         /* data pages P0..P3, decoy at P4 */
 #define OPS        0x40000         /* the script */
 #define OPS_END    0x100000
+#define ROOT_C     0x110000        /* third and fourth NPT/EPT roots (4 pages each) */
+#define ROOT_D     0x114000
+#define ALT_PT     0x118000        /* a second leaf table for root A's first 2M */
+#define L2_PGD     0x119000        /* L2's own page directory (32-bit paging, PSE) */
+#define L2_PT      0x11A000        /* ... and the page table that maps V */
 #define RESULTS    0x200000        /* what L1 recorded, one struct result per L2 run */
+#define V_GVA      0x400000        /* the L2 virtual address under test when L2 pages */
+/* What L2 reads at X when a 2M leaf maps L2's first 2M straight onto L1's (X's own page in
+ * L1 holds this): distinct from every data page, so a split or merge that L0 missed shows. */
+#define LARGE_PATTERN 0x12121212u
 
 enum { OP_END = 0, OP_STORE = 1 };  /* the vendor adds its own kinds from 2 on */
 struct op { uint64_t kind, a, b, c; };
 struct result { uint64_t exit, rax, rbx, addr; };   /* exit code/reason, L2's eax/ebx, GPA */
 
-extern const uint8_t l1_start[], l1_end[], l2r_start[], l2r_end[], l2w_start[], l2w_end[];
+extern const uint8_t l1_start[], l1_end[], l2r_start[], l2r_end[], l2w_start[], l2w_end[],
+    l2v_start[], l2v_end[];
 
 static const uint32_t pattern[5] = { 0xAAAAAAAA, 0xBBBBBBBB, 0xCCCCCCCC, 0xDDDDDDDD, 0xEEEEEEEE };
 #define DECOY 4
@@ -82,9 +93,12 @@ static inline int l1_memory(int kvm, struct vm *vm)
     memcpy(m + L1_CODE, l1_start, l1_end - l1_start);
     memcpy(m + L2_READ, l2r_start, l2r_end - l2r_start);
     memcpy(m + L2_WRITE, l2w_start, l2w_end - l2w_start);
+    memcpy(m + L2_READV, l2v_start, l2v_end - l2v_start);
     for (int p = 0; p < 5; p++)
         for (int k = 0; k < 0x1000; k += 4)
             put32(m + page(p) + k, pattern[p]);
+    for (int k = 0; k < 0x1000; k += 4)
+        put32(m + X_GPA + k, LARGE_PATTERN);
     put64(m + L1_PML4, L1_PDPT | 3);
     put64(m + L1_PDPT, L1_PD | 3);
     put64(m + L1_PD, 0x000000 | 0x83);
@@ -162,6 +176,16 @@ static inline int l1_go(struct vm *vm, char *err, size_t errlen)
     snprintf(err, errlen, "L1 did not halt");
     return -1;
 }
+
+/* L2's own page tables (32-bit, CR4.PSE): its first 4M mapped 1:1 by a 4M page (its code),
+ * V by a 4K entry of L2_PT that points at `target` (an L2-physical address). */
+static inline void l2_paging(uint8_t *mem, uint64_t target)
+{
+    put32(mem + L2_PGD, 0x87);                              /* 0..4M: P RW US PS */
+    put32(mem + L2_PGD + 4, (uint32_t)L2_PT | 7);
+    put32(mem + L2_PT, (uint32_t)target | 7);
+}
+#define L2_PTE L2_PT                /* the entry that maps V */
 
 static inline struct result *results(struct vm *vm)
 {

@@ -7,8 +7,13 @@
  * whenever L1 changes it; too little invalidation shows as L2 reading a page it no longer maps,
  * or writing through an entry L1 made read-only.
  *
- * Every case maps L2's GPA X = 0x10000 through a 4K NPT leaf and rewrites that same leaf many
- * times (a stale shadow entry only appears once L0 has let the leaf table go unsync).
+ * Most cases map L2's GPA X = 0x10000 through a 4K NPT leaf and rewrite that same leaf many
+ * times (a stale shadow entry only appears once L0 has let the leaf table go unsync); others
+ * rotate four nCR3s (more than the three roots KVM caches), split and merge a 2M leaf, repoint
+ * a non-leaf entry at a table page rewritten while it was out of the tree, give L2 paging of
+ * its own over the NPT, or turn nested paging off and invalidate one L2 page with INVLPGA.
+ * A case whose feature L0's KVM does not offer L1 (CPUID 0x8000000A: FlushByAsid, the number
+ * of ASIDs) is skipped with the reason, never run against rules L1 was not given.
  *
  * Output: TAP, one line per case. Exit 0 all passed, 1 a case failed, 2 setup failed.
  * Usage: svm-npt-test [-n ITERATIONS] [CASE...]
@@ -34,6 +39,8 @@
 #define HSAVE      0x6000
 #define NPT_A      0x8000          /* PML4, PDPT, PD, PT at +0, +0x1000, +0x2000, +0x3000 */
 #define NPT_B      0xC000
+#define NPT_C      ROOT_C
+#define NPT_D      ROOT_D
 #define IOPM       0x100000
 #define MSRPM      0x104000
 
@@ -50,6 +57,9 @@
 #define VMCB_NP_ENABLE 0x90
 #define VMCB_NCR3      0xb0
 #define VMCB_CLEAN     0xc0
+#define VMCB_CR4       (VMCB + VMCB_SAVE + 0x148)   /* L1 addresses */
+#define VMCB_CR3       (VMCB + VMCB_SAVE + 0x150)
+#define VMCB_CR0       (VMCB + VMCB_SAVE + 0x158)
 #define VMCB_SAVE      0x400
 #define VMCB_RIP       (VMCB_SAVE + 0x178)
 #define VMCB_RAX       (VMCB_SAVE + 0x1f8)
@@ -57,7 +67,8 @@
 #define EXIT_HLT 0x78
 #define EXIT_NPF 0x400
 
-enum { OP_VMRUN = 2 };                           /* VMRUN: rip a, tlb_ctl b, asid c */
+enum { OP_VMRUN = 2,                             /* VMRUN: rip a, tlb_ctl b, asid c */
+       OP_INVLPGA = 3 };                         /* INVLPGA: address a, ASID b */
 
 /* L1: interprets the script at OPS; results of each VMRUN go to RESULTS. GPRs other than
  * rax/rsp survive VMRUN/#VMEXIT, so L2's rbx is still in rbx afterwards. */
@@ -70,10 +81,16 @@ __asm__(".pushsection .rodata\n"
         "  test %rax, %rax\n"
         "  jz 9f\n"
         "  cmp $1, %rax\n"
-        "  jne 2f\n"
+        "  jne 3f\n"
         "  mov 8(%rsi), %rdx\n"
         "  mov 16(%rsi), %rcx\n"
         "  mov %rcx, (%rdx)\n"
+        "  jmp 8f\n"
+        "3: cmp $3, %rax\n"
+        "  jne 2f\n"
+        "  mov 8(%rsi), %rax\n"
+        "  mov 16(%rsi), %rcx\n"
+        "  invlpga %rax, %ecx\n"
         "  jmp 8f\n"
         "2: mov 8(%rsi), %rdx\n"
         "  mov %rdx, 0x5578\n"          /* save.rip */
@@ -115,6 +132,11 @@ __asm__(".pushsection .rodata\n"
         "  movl $0x5a5a5a5a, 0x10008\n"
         "  hlt\n"
         "l2w_end:\n"
+        "l2v_start:\n"                  /* L2 with paging on: read V */
+        "  mov 0x400000, %eax\n"
+        "  mov 0x400004, %ebx\n"
+        "  hlt\n"
+        "l2v_end:\n"
         ".code64\n"
         ".popsection\n");
 
@@ -124,6 +146,11 @@ static void vmrun(struct vm *vm, uint64_t rip, int tlb_ctl, int asid)
 {
     op(vm, OP_VMRUN, rip, tlb_ctl, asid);
 }
+
+/* What L0's KVM offers L1 (KVM_GET_SUPPORTED_CPUID 0x8000000A): ASIDs, and FlushByAsid, which
+ * TLB_CONTROL 3 and 7 need (APM vol. 2, 15.16.1: without it only 0 and 1 are defined). */
+static uint32_t nasid;
+static int flush_by_asid;
 
 static void npt_build(uint8_t *mem, uint64_t root, int data_page)
 {
@@ -148,6 +175,8 @@ static int vm_create(int kvm, struct vm *vm)
     uint8_t *m = vm->mem;
     npt_build(m, NPT_A, 0);
     npt_build(m, NPT_B, 1);
+    npt_build(m, NPT_C, 2);
+    npt_build(m, NPT_D, 3);
 
     uint8_t *v = m + VMCB;
     put32(v + 0x0c, 1u << 24);            /* intercept HLT */
@@ -240,7 +269,8 @@ static int case_remap(int kvm, const char *name, int tlb_ctl, int new_asid, int 
         if (decoy)  /* two writes to the leaf between VMRUNs */
             store(&vm, NPT_LEAF(NPT_A), leaf(DECOY, PTE_RW));
         store(&vm, NPT_LEAF(NPT_A), leaf(p, PTE_RW));
-        vmrun(&vm, L2_READ, tlb_ctl, new_asid ? 1 + (int)(i % 60) : 1);
+        /* a new ASID each run, from the nasid - 1 that L1 was given (0 is the host's) */
+        vmrun(&vm, L2_READ, tlb_ctl, new_asid ? 1 + (int)(i % (nasid - 1)) : 1);
         exp[n++] = (struct expect){ EXIT_HLT, pattern[p], 0 };
     }
     int rc = finish(&vm, name, exp, n, t0);
@@ -327,21 +357,167 @@ static int case_cached_root(int kvm, const char *name)
     return rc;
 }
 
-struct tcase { const char *name; int (*fn)(int kvm, const char *name); };
+/* cached-root-deep: four nCR3s in rotation, more than the three previous roots KVM keeps,
+ * so every cache slot fills and the oldest falls out: each step changes the leaf of the root
+ * L1 is about to switch to (the one used longest ago), flushes, switches. */
+static int case_cached_root_deep(int kvm, const char *name)
+{
+    struct vm vm;
+    static struct expect exp[MAXEXP];
+    static const uint64_t roots[4] = { NPT_A, NPT_B, NPT_C, NPT_D };
+    int cur[4] = { 0, 1, 2, 3 }, n = 0;
+    double t0 = now();
+    if (vm_create(kvm, &vm) < 0) { tap_result(name, 0, 0, 0, "", 0, "vm_create"); return 1; }
+    for (int r = 0; r < 4; r++) {              /* visit each root once: all known to L0 */
+        store(&vm, VMCB + VMCB_NCR3, roots[r]);
+        vmrun(&vm, L2_READ, 1, 1);
+        exp[n++] = (struct expect){ EXIT_HLT, pattern[cur[r]], 0 };
+    }
+    for (long i = 0; i < iterations && n < MAXEXP; i++) {
+        int r = (int)(i % 4);
+        cur[r] = (cur[r] + 1) % 4;
+        store(&vm, NPT_LEAF(roots[r]), leaf(cur[r], PTE_RW));
+        store(&vm, VMCB + VMCB_NCR3, roots[r]);
+        vmrun(&vm, L2_READ, 1, 1);
+        exp[n++] = (struct expect){ EXIT_HLT, pattern[cur[r]], 0 };
+    }
+    int rc = finish(&vm, name, exp, n, t0);
+    vm_destroy(&vm);
+    return rc;
+}
+
+/* large-page: split and merge. L2's first 2M alternates between a 2M NPT leaf (X reads L1's
+ * own X page: LARGE_PATTERN) and the 4K table (X reads data page p). */
+static int case_large_page(int kvm, const char *name)
+{
+    struct vm vm;
+    static struct expect exp[MAXEXP];
+    int n = 0;
+    double t0 = now();
+    if (vm_create(kvm, &vm) < 0) { tap_result(name, 0, 0, 0, "", 0, "vm_create"); return 1; }
+    for (long i = 0; i < iterations && n < MAXEXP; i++) {
+        int p = (int)(i / 2) % 4;
+        if (i % 2 == 0) {
+            store(&vm, NPT_A + 0x2000, 0x87);                   /* merge: one 2M leaf */
+        } else {
+            store(&vm, NPT_LEAF(NPT_A), leaf(p, PTE_RW));
+            store(&vm, NPT_A + 0x2000, (NPT_A + 0x3000) | 7);   /* split: back to the table */
+        }
+        vmrun(&vm, L2_READ, 1, 1);
+        exp[n++] = (struct expect){ EXIT_HLT, i % 2 == 0 ? LARGE_PATTERN : pattern[p], 0 };
+    }
+    int rc = finish(&vm, name, exp, n, t0);
+    vm_destroy(&vm);
+    return rc;
+}
+
+/* repoint-table: the directory entry for L2's first 2M alternates between root A's leaf table
+ * and a second one (ALT_PT); the table out of the tree is rewritten before it comes back, so
+ * L0 must not reuse what it shadowed from that page last time. */
+static int case_repoint_table(int kvm, const char *name)
+{
+    struct vm vm;
+    static struct expect exp[MAXEXP];
+    int n = 0;
+    double t0 = now();
+    if (vm_create(kvm, &vm) < 0) { tap_result(name, 0, 0, 0, "", 0, "vm_create"); return 1; }
+    memcpy(vm.mem + ALT_PT, vm.mem + NPT_A + 0x3000, 0x1000);
+    for (long i = 0; i < iterations && n < MAXEXP; i++) {
+        int p = (int)(i % 4);
+        uint64_t table = i % 2 ? ALT_PT : NPT_A + 0x3000;
+        store(&vm, table + 16 * 8, leaf(p, PTE_RW));           /* rewritten while unlinked */
+        store(&vm, NPT_A + 0x2000, table | 7);
+        vmrun(&vm, L2_READ, 1, 1);
+        exp[n++] = (struct expect){ EXIT_HLT, pattern[p], 0 };
+    }
+    int rc = finish(&vm, name, exp, n, t0);
+    vm_destroy(&vm);
+    return rc;
+}
+
+/* l2-paging: L2 pages (32-bit, PSE) over the NPT and reads V. Even runs: L2's PTE maps V to
+ * GPA X, whose NPT leaf L1 repoints; odd runs: L2's PTE maps V straight to a data page. Both
+ * dimensions change under a flush of the whole TLB. */
+static int case_l2_paging(int kvm, const char *name)
+{
+    struct vm vm;
+    static struct expect exp[MAXEXP];
+    int n = 0;
+    double t0 = now();
+    if (vm_create(kvm, &vm) < 0) { tap_result(name, 0, 0, 0, "", 0, "vm_create"); return 1; }
+    l2_paging(vm.mem, X_GPA);
+    put64(vm.mem + VMCB_CR0, 0x80000011);     /* PG PE ET */
+    put64(vm.mem + VMCB_CR3, L2_PGD);
+    put64(vm.mem + VMCB_CR4, 0x10);           /* PSE */
+    for (long i = 0; i < iterations && n < MAXEXP; i++) {
+        int p = (int)(i / 2) % 4, q = (p + 2) % 4;
+        if (i % 2 == 0) {
+            store(&vm, L2_PTE, X_GPA | 7);
+            store(&vm, NPT_LEAF(NPT_A), leaf(p, PTE_RW));
+        } else {
+            store(&vm, L2_PTE, page(q) | 7);
+        }
+        vmrun(&vm, L2_READV, 1, 1);
+        exp[n++] = (struct expect){ EXIT_HLT, pattern[i % 2 == 0 ? p : q], 0 };
+    }
+    int rc = finish(&vm, name, exp, n, t0);
+    vm_destroy(&vm);
+    return rc;
+}
+
+/* invlpga: nested paging off, L1 shadows nothing itself: L2's own page tables are walked in
+ * L1's physical memory. L1 repoints V's PTE and invalidates that one page with INVLPGA in
+ * L2's ASID, then runs L2 with TLB_CONTROL 0 (no flush): the INVLPGA alone must be enough. */
+static int case_invlpga(int kvm, const char *name)
+{
+    struct vm vm;
+    static struct expect exp[MAXEXP];
+    int n = 0;
+    double t0 = now();
+    if (vm_create(kvm, &vm) < 0) { tap_result(name, 0, 0, 0, "", 0, "vm_create"); return 1; }
+    l2_paging(vm.mem, page(0));
+    put64(vm.mem + VMCB + VMCB_NP_ENABLE, 0);
+    put64(vm.mem + VMCB_CR0, 0x80000011);
+    put64(vm.mem + VMCB_CR3, L2_PGD);
+    put64(vm.mem + VMCB_CR4, 0x10);
+    vmrun(&vm, L2_READV, 1, 1);                 /* V is in L2's TLB now */
+    exp[n++] = (struct expect){ EXIT_HLT, pattern[0], 0 };
+    for (long i = 0; i < iterations && n < MAXEXP; i++) {
+        int p = (int)((i + 1) % 4);
+        store(&vm, L2_PTE, page(p) | 7);
+        op(&vm, OP_INVLPGA, V_GVA, 1, 0);
+        vmrun(&vm, L2_READV, 0, 1);
+        exp[n++] = (struct expect){ EXIT_HLT, pattern[p], 0 };
+    }
+    int rc = finish(&vm, name, exp, n, t0);
+    vm_destroy(&vm);
+    return rc;
+}
+
+struct tcase { const char *name; int (*fn)(int kvm, const char *name); int needs; };
+#define NEEDS_FLUSH_BY_ASID 1
+#define NEEDS_ASIDS 2
 
 static int remap_flush_all(int kvm, const char *n) { return case_remap(kvm, n, 1, 0, 0); }
 static int remap_flush_asid(int kvm, const char *n) { return case_remap(kvm, n, 3, 0, 0); }
 static int remap_new_asid(int kvm, const char *n) { return case_remap(kvm, n, 0, 1, 0); }
+static int remap_flush_guest(int kvm, const char *n) { return case_remap(kvm, n, 7, 0, 0); }
 static int remap_twice(int kvm, const char *n) { return case_remap(kvm, n, 1, 0, 1); }
 
 static const struct tcase cases[] = {
-    { "svm/remap-flush-all", remap_flush_all },
-    { "svm/remap-flush-asid", remap_flush_asid },
-    { "svm/remap-new-asid", remap_new_asid },
-    { "svm/remap-twice", remap_twice },
-    { "svm/write-protect", case_write_protect },
-    { "svm/unmap", case_unmap },
-    { "svm/cached-root", case_cached_root },
+    { "svm/remap-flush-all", remap_flush_all, 0 },
+    { "svm/remap-flush-asid", remap_flush_asid, NEEDS_FLUSH_BY_ASID },
+    { "svm/remap-flush-guest", remap_flush_guest, NEEDS_FLUSH_BY_ASID },
+    { "svm/remap-new-asid", remap_new_asid, NEEDS_ASIDS },
+    { "svm/remap-twice", remap_twice, 0 },
+    { "svm/write-protect", case_write_protect, 0 },
+    { "svm/unmap", case_unmap, 0 },
+    { "svm/cached-root", case_cached_root, 0 },
+    { "svm/cached-root-deep", case_cached_root_deep, 0 },
+    { "svm/large-page", case_large_page, 0 },
+    { "svm/repoint-table", case_repoint_table, 0 },
+    { "svm/l2-paging", case_l2_paging, 0 },
+    { "svm/invlpga", case_invlpga, 0 },
 };
 #define NCASES (int)(sizeof(cases) / sizeof(cases[0]))
 
@@ -369,6 +545,29 @@ static const char *prepare(void)
         printf("Bail out! /dev/kvm: %s\n", strerror(errno));
         return LABTEST_BAIL;
     }
+    struct kvm_cpuid2 *cpuid = calloc(1, sizeof(*cpuid) + 128 * sizeof(struct kvm_cpuid_entry2));
+    cpuid->nent = 128;
+    if (ioctl(kvm_fd, KVM_GET_SUPPORTED_CPUID, cpuid) < 0) {
+        printf("Bail out! KVM_GET_SUPPORTED_CPUID: %s\n", strerror(errno));
+        return LABTEST_BAIL;
+    }
+    for (unsigned i = 0; i < cpuid->nent; i++)
+        if (cpuid->entries[i].function == 0x8000000a) {
+            nasid = cpuid->entries[i].ebx;
+            flush_by_asid = (cpuid->entries[i].edx >> 6) & 1;
+        }
+    free(cpuid);
+    printf("# L0's KVM offers L1 %u ASIDs, FlushByAsid %s\n", nasid, flush_by_asid ? "yes" : "no");
+    return NULL;
+}
+
+static const char *skip_case(int c)
+{
+    if (cases[c].needs == NEEDS_FLUSH_BY_ASID && !flush_by_asid)
+        return "L0 does not offer L1 FlushByAsid (CPUID 0x8000000A EDX[6]): TLB_CONTROL 3 "
+               "and 7 are not defined for it";
+    if (cases[c].needs == NEEDS_ASIDS && nasid < 3)
+        return "L0 offers L1 fewer than 2 guest ASIDs (CPUID 0x8000000A EBX)";
     return NULL;
 }
 
@@ -377,7 +576,7 @@ int main(int argc, char **argv)
     static const struct labtest t = {
         .prog = "svm-npt-test", .ncases = NCASES, .name = case_name,
         .iterations = &iterations, .min_iter = 2, .max_iter = 5000,
-        .prepare = prepare, .run = run_case,
+        .prepare = prepare, .skip = skip_case, .run = run_case,
     };
     return labtest_main(argc, argv, &t);
 }

@@ -7,14 +7,20 @@
  * INVEPT single-context or global, switch the EPTP, enter L2 and record what L2 saw). L0's KVM
  * shadows L1's EPT in guest_mmu; after every change and INVEPT, L2 must see the change.
  *
+ * Beyond the seed's two EPTPs: four EPTPs in rotation (more than the three roots KVM caches),
+ * a 2M leaf split and merged, a non-leaf entry repointed at a table page rewritten while out
+ * of the tree, L2 paging of its own over the EPT, and INVVPID (individual-address,
+ * single-context, all-context) for an L2 that pages with VPID on and EPT off.
+ *
  * The VMCS control values are computed here from the VMX capability MSRs that L0's KVM reports
  * for the vCPU, so that L1 only has to vmwrite a table.
  *
  * Output: TAP, one line per case (SKIP with the reason where VMX or a feature is missing).
  * Exit 0 all passed or skipped, 1 a case failed, 2 setup failed.
  * Usage: vmx-ept-test [-n ITERATIONS] [-x] [CASE...]
- *   -x  negative control: L1 leaves out its INVEPTs. L0 may then keep stale translations, and
- *       the cases should fail: this shows they can see "too little invalidation" at all.
+ *   -x  negative control: L1 leaves out its INVEPTs (and INVVPIDs). L0 may then keep stale
+ *       translations, and the cases should fail: this shows they can see "too little
+ *       invalidation" at all.
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -37,8 +43,11 @@
 #define VMCS_PAGE  0x6000
 #define EPT_A      0x8000          /* PML4, PDPT, PD, PT at +0, +0x1000, +0x2000, +0x3000 */
 #define EPT_B      0xC000
+#define EPT_C      ROOT_C
+#define EPT_D      ROOT_D
 #define PTRS       0x30000         /* [0] vmxon PA, [8] vmcs PA, [16..] saved rsi/rdi, launched */
 #define INVEPT_DESC 0x30100        /* 16 bytes: EPTP, reserved */
+#define INVVPID_DESC 0x30110       /* 16 bytes: VPID, linear address */
 #define TABLE      0x31000         /* VMCS (field, value) pairs, ended by field ~0 */
 
 #define EPT_LEAF(root) ((root) + 0x3000 + 16 * 8)
@@ -49,7 +58,7 @@
 #define EXIT_HLT 12
 #define EXIT_EPT_VIOLATION 48
 
-enum { OP_ENTER = 2, OP_INVEPT = 3, OP_VMWRITE = 4 };
+enum { OP_ENTER = 2, OP_INVEPT = 3, OP_VMWRITE = 4, OP_INVVPID = 5 };
 
 /* L1: VMXON, VMCLEAR/VMPTRLD, vmwrite the table, then interpret the script.
  * Failures of VMX instructions are recorded as exit_reason 0xfff000NN with the VM-instruction
@@ -93,7 +102,17 @@ __asm__(".pushsection .rodata\n"
         "  invept 0x30100, %rdx\n"
         "  jbe 94f\n"
         "  jmp 8f\n"
-        "5: cmp $4, %rax\n"
+        "5: cmp $5, %rax\n"
+        "  jne 51f\n"
+        "  mov 16(%rsi), %rcx\n"        /* INVVPID type a, VPID b, address c */
+        "  mov %rcx, 0x30110\n"
+        "  mov 24(%rsi), %rcx\n"
+        "  mov %rcx, 0x30118\n"
+        "  mov 8(%rsi), %rdx\n"
+        "  invvpid 0x30110, %rdx\n"
+        "  jbe 96f\n"
+        "  jmp 8f\n"
+        "51: cmp $4, %rax\n"
         "  jne 6f\n"
         "  mov 8(%rsi), %rdx\n"         /* VMWRITE field a = b */
         "  mov 16(%rsi), %rax\n"
@@ -136,7 +155,8 @@ __asm__(".pushsection .rodata\n"
         "92: mov $0xfff00300, %rax\n jmp 98f\n"
         "93: mov %rdx, 0x30028\n mov $0xfff00400, %rax\n jmp 97f\n"
         "94: mov $0xfff00500, %rax\n jmp 97f\n"
-        "95: mov 0x30010, %rsi\n mov 0x30018, %rdi\n mov $0xfff00600, %rax\n"
+        "95: mov 0x30010, %rsi\n mov 0x30018, %rdi\n mov $0xfff00600, %rax\n jmp 97f\n"
+        "96: mov $0xfff00700, %rax\n"
         "97: mov $0x4400, %rdx\n"       /* add VM-instruction error when a VMCS is current */
         "  vmread %rdx, %rcx\n"
         "  or %rcx, %rax\n"
@@ -156,6 +176,11 @@ __asm__(".pushsection .rodata\n"
         "  movl $0x5a5a5a5a, 0x10008\n"
         "  hlt\n"
         "l2w_end:\n"
+        "l2v_start:\n"                  /* L2 with paging on: read V */
+        "  mov 0x400000, %eax\n"
+        "  mov 0x400004, %ebx\n"
+        "  hlt\n"
+        "l2v_end:\n"
         ".code64\n"
         ".popsection\n");
 
@@ -212,6 +237,11 @@ static int get_msrs(int vcpu, const uint32_t *idx, uint64_t *out, int n)
     return 0;
 }
 
+/* What vmcs_table() computed that the cases adapt: L2's CR0/CR4 (paging off) and the
+ * secondary controls with VPID instead of EPT and unrestricted guest. */
+static uint64_t l2_cr0, l2_cr4;
+static uint32_t proc2_vpid;
+
 static void vmcs_table(struct vm *vm)
 {
     int trueb = (caps.basic >> 55) & 1;
@@ -225,6 +255,9 @@ static void vmcs_table(struct vm *vm)
     uint32_t entry = adjust(0, caps.entry);                             /* 32-bit guest */
     uint64_t cr0 = ((0x31ull | (caps.cr0_0 & ~0x80000001ull)) & caps.cr0_1) | 1; /* PE, NE, no PG */
     uint64_t cr4 = caps.cr4_0 & caps.cr4_1;
+    l2_cr0 = cr0;
+    l2_cr4 = cr4;
+    proc2_vpid = adjust(1u << 5, caps.proc2);                           /* VPID only */
     table(vm, 0x4000, pin);
     table(vm, 0x4002, proc);
     table(vm, 0x401e, proc2);
@@ -271,6 +304,8 @@ static int vm_create(struct vm *vm)
     uint8_t *m = vm->mem;
     ept_build(m, EPT_A, 0);
     ept_build(m, EPT_B, 1);
+    ept_build(m, EPT_C, 2);
+    ept_build(m, EPT_D, 3);
     put32(m + VMXON_PAGE, (uint32_t)caps.basic & 0x7fffffff);
     put32(m + VMCS_PAGE, (uint32_t)caps.basic & 0x7fffffff);
     put64(m + PTRS, VMXON_PAGE);
@@ -408,15 +443,163 @@ static int case_cached_root(const char *name, int type)
     END(name)
 }
 
+/* global-cached-root: each iteration runs L2 on B first (so A is a cached root), changes A's
+ * tables, INVEPTs all-context naming B (the operand of a global INVEPT is ignored), switches
+ * to A. In cached-root-global the root a wrong global INVEPT spared is freed by the next
+ * one anyway; here A stays cached across every global INVEPT until L2 reads through it. */
+static int case_global_cached_root(const char *name)
+{
+    int cur_a = 0;
+    BEGIN(name)
+    enter(&vm, L2_READ);
+    exp[n++] = (struct expect){ EXIT_HLT, pattern[cur_a], 0 };
+    for (long i = 0; i < iterations && n + 2 < MAXEXP; i++) {
+        set_eptp(&vm, EPT_B);
+        enter(&vm, L2_READ);
+        exp[n++] = (struct expect){ EXIT_HLT, pattern[1], 0 };
+        cur_a = (cur_a + 1) % 4;
+        store(&vm, EPT_LEAF(EPT_A), leaf(cur_a, EPT_RWX));
+        invept(&vm, INVEPT_GLOBAL, EPTP(EPT_B));
+        set_eptp(&vm, EPT_A);
+        enter(&vm, L2_READ);
+        exp[n++] = (struct expect){ EXIT_HLT, pattern[cur_a], 0 };
+    }
+    END(name)
+}
+
+/* cached-root-deep: four EPTPs in rotation, more than the three previous roots KVM keeps:
+ * each step changes the leaf behind the EPTP L1 is about to switch to (the one used longest
+ * ago), INVEPTs it single-context, switches to it. */
+static int case_cached_root_deep(const char *name)
+{
+    static const uint64_t roots[4] = { EPT_A, EPT_B, EPT_C, EPT_D };
+    int cur[4] = { 0, 1, 2, 3 };
+    BEGIN(name)
+    for (int r = 0; r < 4; r++) {              /* visit each EPTP once: all known to L0 */
+        set_eptp(&vm, roots[r]);
+        enter(&vm, L2_READ);
+        exp[n++] = (struct expect){ EXIT_HLT, pattern[cur[r]], 0 };
+    }
+    for (long i = 0; i < iterations && n < MAXEXP; i++) {
+        int r = (int)(i % 4);
+        cur[r] = (cur[r] + 1) % 4;
+        store(&vm, EPT_LEAF(roots[r]), leaf(cur[r], EPT_RWX));
+        invept(&vm, INVEPT_SINGLE, EPTP(roots[r]));
+        set_eptp(&vm, roots[r]);
+        enter(&vm, L2_READ);
+        exp[n++] = (struct expect){ EXIT_HLT, pattern[cur[r]], 0 };
+    }
+    END(name)
+}
+
+/* large-page: split and merge. L2's first 2M alternates between a 2M EPT leaf (X reads L1's
+ * own X page: LARGE_PATTERN) and the 4K table (X reads data page p). */
+static int case_large_page(const char *name)
+{
+    BEGIN(name)
+    for (long i = 0; i < iterations && n < MAXEXP; i++) {
+        int p = (int)(i / 2) % 4;
+        if (i % 2 == 0) {
+            store(&vm, EPT_A + 0x2000, (1ull << 7) | EPT_WB | EPT_RWX);     /* merge */
+        } else {
+            store(&vm, EPT_LEAF(EPT_A), leaf(p, EPT_RWX));
+            store(&vm, EPT_A + 0x2000, (EPT_A + 0x3000) | EPT_RWX);         /* split */
+        }
+        invept(&vm, INVEPT_SINGLE, EPTP(EPT_A));
+        enter(&vm, L2_READ);
+        exp[n++] = (struct expect){ EXIT_HLT, i % 2 == 0 ? LARGE_PATTERN : pattern[p], 0 };
+    }
+    END(name)
+}
+
+/* repoint-table: the directory entry for L2's first 2M alternates between EPT_A's leaf table
+ * and a second one (ALT_PT); the table out of the tree is rewritten before it comes back. */
+static int case_repoint_table(const char *name)
+{
+    BEGIN(name)
+    memcpy(vm.mem + ALT_PT, vm.mem + EPT_A + 0x3000, 0x1000);
+    for (long i = 0; i < iterations && n < MAXEXP; i++) {
+        int p = (int)(i % 4);
+        uint64_t table = i % 2 ? ALT_PT : EPT_A + 0x3000;
+        store(&vm, table + 16 * 8, leaf(p, EPT_RWX));          /* rewritten while unlinked */
+        store(&vm, EPT_A + 0x2000, table | EPT_RWX);
+        invept(&vm, INVEPT_SINGLE, EPTP(EPT_A));
+        enter(&vm, L2_READ);
+        exp[n++] = (struct expect){ EXIT_HLT, pattern[p], 0 };
+    }
+    END(name)
+}
+
+/* L2's guest state for paging of its own (32-bit, PSE): appended to the VMCS table, so these
+ * vmwrites win over the table's paging-off ones. */
+static void l2_pages(struct vm *vm, uint64_t v_target)
+{
+    l2_paging(vm->mem, v_target);
+    table(vm, 0x6800, l2_cr0 | 0x80000001);    /* GUEST_CR0: PG PE */
+    table(vm, 0x6802, L2_PGD);                 /* GUEST_CR3 */
+    table(vm, 0x6804, l2_cr4 | 0x10);          /* GUEST_CR4: PSE */
+}
+
+/* l2-paging: L2 pages over the EPT and reads V. Even runs: L2's PTE maps V to GPA X, whose
+ * EPT leaf L1 repoints (INVEPT single-context); odd runs: L2's PTE maps V straight to a data
+ * page, and L1 invalidates L2's linear mappings with INVEPT too (it flushes combined ones). */
+static int case_l2_paging(const char *name)
+{
+    BEGIN(name)
+    l2_pages(&vm, X_GPA);
+    for (long i = 0; i < iterations && n < MAXEXP; i++) {
+        int p = (int)(i / 2) % 4, q = (p + 2) % 4;
+        if (i % 2 == 0) {
+            store(&vm, L2_PTE, X_GPA | 7);
+            store(&vm, EPT_LEAF(EPT_A), leaf(p, EPT_RWX));
+        } else {
+            store(&vm, L2_PTE, page(q) | 7);
+        }
+        invept(&vm, INVEPT_SINGLE, EPTP(EPT_A));
+        enter(&vm, L2_READV);
+        exp[n++] = (struct expect){ EXIT_HLT, pattern[i % 2 == 0 ? p : q], 0 };
+    }
+    END(name)
+}
+
+/* invvpid-*: EPT off, VPID 1 on: L2's own page tables live in L1's physical memory. L1
+ * repoints V's PTE and invalidates with INVVPID of the given type (0 one address, 1 the
+ * context, 2 all contexts); L2 must read the new page. L0 runs L2 under VPID 1's translations
+ * as it keeps them (its vpid02), so a missed INVVPID shows as a stale read. */
+static int case_invvpid(const char *name, int type)
+{
+    BEGIN(name)
+    table(&vm, 0x401e, proc2_vpid);            /* secondary controls: VPID, no EPT */
+    table(&vm, 0x0000, 1);                     /* VIRTUAL_PROCESSOR_ID */
+    l2_pages(&vm, page(0));
+    enter(&vm, L2_READV);
+    exp[n++] = (struct expect){ EXIT_HLT, pattern[0], 0 };
+    for (long i = 0; i < iterations && n < MAXEXP; i++) {
+        int p = (int)((i + 1) % 4);
+        store(&vm, L2_PTE, page(p) | 7);
+        if (!omit_invept) op(&vm, OP_INVVPID, type, 1, V_GVA);   /* -x: left out too */
+        enter(&vm, L2_READV);
+        exp[n++] = (struct expect){ EXIT_HLT, pattern[p], 0 };
+    }
+    END(name)
+}
+
 static int remap_single(const char *n) { return case_remap(n, INVEPT_SINGLE, 0); }
 static int remap_global(const char *n) { return case_remap(n, INVEPT_GLOBAL, 0); }
 static int remap_twice(const char *n) { return case_remap(n, INVEPT_SINGLE, 1); }
 static int cached_single(const char *n) { return case_cached_root(n, INVEPT_SINGLE); }
 static int cached_global(const char *n) { return case_cached_root(n, INVEPT_GLOBAL); }
+static int invvpid_addr(const char *n) { return case_invvpid(n, 0); }
+static int invvpid_single(const char *n) { return case_invvpid(n, 1); }
+static int invvpid_all(const char *n) { return case_invvpid(n, 2); }
 
 struct tcase { const char *name; int (*fn)(const char *); int needs; };
 #define NEEDS_SINGLE 1
 #define NEEDS_GLOBAL 2
+#define NEEDS_2M 3
+#define NEEDS_INVVPID_ADDR 4           /* INVVPID types 0..2: bits 40..42 of IA32_VMX_EPT_VPID_CAP */
+#define NEEDS_INVVPID_SINGLE 5
+#define NEEDS_INVVPID_ALL 6
 static const struct tcase cases[] = {
     { "vmx/remap-invept-single", remap_single, NEEDS_SINGLE },
     { "vmx/remap-invept-global", remap_global, NEEDS_GLOBAL },
@@ -425,6 +608,14 @@ static const struct tcase cases[] = {
     { "vmx/unmap", case_unmap, NEEDS_SINGLE },
     { "vmx/cached-root-single", cached_single, NEEDS_SINGLE },
     { "vmx/cached-root-global", cached_global, NEEDS_GLOBAL },
+    { "vmx/global-cached-root", case_global_cached_root, NEEDS_GLOBAL },
+    { "vmx/cached-root-deep", case_cached_root_deep, NEEDS_SINGLE },
+    { "vmx/large-page", case_large_page, NEEDS_2M },
+    { "vmx/repoint-table", case_repoint_table, NEEDS_SINGLE },
+    { "vmx/l2-paging", case_l2_paging, NEEDS_SINGLE },
+    { "vmx/invvpid-address", invvpid_addr, NEEDS_INVVPID_ADDR },
+    { "vmx/invvpid-single", invvpid_single, NEEDS_INVVPID_SINGLE },
+    { "vmx/invvpid-all", invvpid_all, NEEDS_INVVPID_ALL },
 };
 #define NCASES (int)(sizeof(cases) / sizeof(cases[0]))
 
@@ -485,6 +676,17 @@ static const char *skip_case(int c)
         return "L0 offers no INVEPT all-context";
     if (cases[c].needs == NEEDS_SINGLE && !single)
         return "L0 offers no INVEPT single-context";
+    if (cases[c].needs == NEEDS_2M && (!single || !((caps.ept_vpid >> 16) & 1)))
+        return "L0 offers no 2M EPT pages (or no INVEPT single-context)";
+    if (cases[c].needs >= NEEDS_INVVPID_ADDR) {
+        if (!((caps.proc2 >> 32) & (1u << 5)))
+            return "L0 offers L1 no VPID";
+        if (!((caps.ept_vpid >> 32) & 1))
+            return "L0 offers L1 no INVVPID";
+        int bit = 40 + cases[c].needs - NEEDS_INVVPID_ADDR;
+        if (!((caps.ept_vpid >> bit) & 1))
+            return "L0 does not offer L1 this INVVPID type";
+    }
     return NULL;
 }
 
