@@ -3,7 +3,8 @@
 A playbook's `checks:` run after its steps, on every probe's hits (report.json `probes`):
 - built in, for the `invalidation` set on VMX (handle_invept and the roots it frees, which the
   tracefs backend records completely): `invept-frees-what-it-names`, `global-invept-frees-all`,
-  `cached-root-path-ran`;
+  `cached-root-path-ran`; on SVM (every #VMEXIT from L2 and every sync of the active guest_mmu):
+  `nested-vmrun-syncs-guest-mmu`, `nested-cr3-switch-reused-a-cached-root`;
 - a playbook's own: every hit of one probe (at entry or at return) must satisfy an expression
   of this module's small language (see `parse`; nothing of a playbook is ever eval'd).
 
@@ -16,6 +17,7 @@ against the roots its operand named.
 
 from __future__ import annotations
 
+import itertools
 import re
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -263,10 +265,87 @@ def _cached_root_path(probes: dict[str, dict[str, Any]]) -> Result:
                   saw)
 
 
+def _ts(hit: dict[str, Any]) -> float:
+    """When a hit happened: L0's trace clock (tracefs), else the lab's (gdb); one backend
+    per run, so one clock per stream."""
+    return float(hit.get("guest_ts", hit["t"]))
+
+
+def _l2_runs(probes: dict[str, dict[str, Any]]) -> tuple[list[dict[str, Any]], str | None]:
+    """Each stretch of L2 on nested paging (nested VMRUN to the #VMEXIT that ends it) that
+    the probes saw whole: its nested CR3 and the syncs of the active guest_mmu inside it. 6.1
+    makes nested VMRUN request KVM_REQ_MMU_SYNC whatever L1's TLB_CONTROL says
+    (nested_vmcb02_prepare_control; from 6.12 nested_svm_transition_tlb_flush): L1's NPT
+    changes reach guest_mmu through that sync, so a VMRUN without one runs L2 on what
+    guest_mmu had."""
+    exits, syncs = probes.get("nested_svm_vmexit"), probes.get("sync_guest_mmu")
+    why = _complete(exits, "nested_svm_vmexit") or _complete(syncs, "sync_guest_mmu")
+    if why:
+        return [], why
+    assert exits is not None and syncs is not None
+    ex = sorted(exits["hits"], key=_ts)
+    sy = sorted(syncs["hits"], key=_ts)
+    runs, k = [], 0
+    for prev, cur in itertools.pairwise(ex):
+        while k < len(sy) and _ts(sy[k]) <= _ts(prev):
+            k += 1
+        inside = []
+        while k < len(sy) and _ts(sy[k]) < _ts(cur):
+            inside.append(sy[k]["captures"]["entry"])
+            k += 1
+        entry = cur["captures"]["entry"]
+        if not entry["guest_mmu"]["active"]:
+            continue  # L1 ran this L2 without nested paging: no guest_mmu to sync
+        runs.append({"nested_cr3": entry["nested_cr3"], "syncs": inside, "t": cur["t"]})
+    if not runs:
+        return [], "one #VMEXIT from L2 only: no L2 run between two of them to judge"
+    return runs, None
+
+
+def _vmrun_syncs(probes: dict[str, dict[str, Any]]) -> Result:
+    name = "nested-vmrun-syncs-guest-mmu"
+    runs, why = _l2_runs(probes)
+    if why:
+        return Result(name, "failed", why)
+    bare = [r for r in runs if not r["syncs"]]
+    saw = {"l2_runs": len(runs), "without_sync": len(bare)}
+    if bare:
+        return Result(name, "failed", f"{len(bare)} of {len(runs)} L2 runs began without a "
+                      f"sync of guest_mmu; first: nested CR3 {bare[0]['nested_cr3']:#x} at "
+                      f"{bare[0]['t']} s", saw)
+    return Result(name, "passed", f"each of {len(runs)} L2 runs began with a sync of "
+                  "guest_mmu", saw)
+
+
+def _cached_ncr3(probes: dict[str, dict[str, Any]]) -> Result:
+    """SVM's twin of cached-root-path-ran: an L2 run whose sync found guest_mmu already on
+    a valid root for its nested CR3, which was a previous root of the run before (KVM's fast
+    switch to a cached root), so the sync of a cached root is something the run exercised."""
+    name = "nested-cr3-switch-reused-a-cached-root"
+    runs, why = _l2_runs(probes)
+    if why:
+        return Result(name, "failed", why)
+    reused = 0
+    for before, r in itertools.pairwise(runs):
+        if before["nested_cr3"] == r["nested_cr3"]:
+            continue
+        gm = r["syncs"][0]["guest_mmu"] if r["syncs"] else None
+        if gm and gm["current"]["valid"] and gm["current"]["pgd"] == r["nested_cr3"]:
+            reused += 1
+    saw = {"l2_runs": len(runs), "switched_to_a_cached_root": reused}
+    if not reused:
+        return Result(name, "failed", "no L2 run switched to a nested CR3 whose root guest_mmu "
+                      "had cached: the cached-root path did not run", saw)
+    return Result(name, "passed", f"{reused} L2 runs switched to a cached nested CR3 root",
+                  saw)
+
+
 BUILTIN: dict[str, Callable[[dict[str, dict[str, Any]]], Result]] = {
     "invept-frees-what-it-names": _frees_what_it_names,
     "global-invept-frees-all": _global_frees_all,
     "cached-root-path-ran": _cached_root_path,
+    "nested-vmrun-syncs-guest-mmu": _vmrun_syncs,
+    "nested-cr3-switch-reused-a-cached-root": _cached_ncr3,
 }
 
 

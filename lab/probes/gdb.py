@@ -167,7 +167,8 @@ class GdbProbes:
         """Insert the breakpoints (target stopped); errors are per probe, not fatal."""
         self._detect_layout()
         for p in self.probes:
-            cond = f'-c "{_mi_quote(p.spec.condition)}" ' if p.spec.condition else ""
+            c = p.spec.gdb_condition()
+            cond = f'-c "{_mi_quote(c)}" ' if c else ""
             try:
                 r, _ = self.gdb.cmd(f"-break-insert {cond}{p.spec.at}")
             except GdbError as e:

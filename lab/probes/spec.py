@@ -74,6 +74,10 @@ class ProbeSpec:
     max_hits: int = 10
     then: str = "continue"
     origin: str = "playbook"  # or the built-in set it came from
+    # Keep only the hits where this guest_mmu(...) capture is the vCPU's active MMU (L2 runs
+    # on it). A condition of two fields, which a kprobe filter cannot express: gdb makes it
+    # the breakpoint's condition, tracefs drops the other hits as it reads the trace.
+    active_only: str | None = None
     # The captures parsed, once, here (ValueError on a bad one).
     parsed: dict[str, CaptureSpec] = field(init=False, repr=False, compare=False)
 
@@ -84,6 +88,17 @@ class ProbeSpec:
                 self.parsed[n] = parse_capture(e)
             except ValueError as err:
                 raise ValueError(f"capture.{n}: {err}") from None
+        if self.active_only is not None:
+            c = self.parsed.get(self.active_only)
+            assert c is not None and c.kind == "guest_mmu", self.active_only
+
+    def gdb_condition(self) -> str | None:
+        """The breakpoint condition for gdb: `condition`, and `active_only` spelled out."""
+        terms = [f"({self.condition})"] if self.condition else []
+        if self.active_only is not None:
+            vcpu = self.parsed[self.active_only].arg
+            terms.append(f"({vcpu})->arch.mmu == &({vcpu})->arch.guest_mmu")
+        return " && ".join(terms) or None
 
 
 def builtin_set(name: str, vendor: str) -> list[ProbeSpec]:
@@ -112,9 +127,9 @@ def builtin_set(name: str, vendor: str) -> list[ProbeSpec]:
             "nested_cr3": "svm->nested.ctl.nested_cr3", "tlb_ctl": "svm->nested.ctl.tlb_ctl",
             "exit_code": "svm->vmcb->control.exit_code", "guest_mmu": "guest_mmu(&svm->vcpu)"},
             max_hits=5, origin=origin),
-        # The sync KVM_REQ_MMU_SYNC asks for on nested VMRUN/#VMEXIT: roots before and after.
-        ProbeSpec("sync_guest_mmu", "kvm_mmu_sync_roots",
-                  condition="vcpu->arch.mmu == &vcpu->arch.guest_mmu",
+        # The sync KVM_REQ_MMU_SYNC asks for on nested VMRUN/#VMEXIT, while L2's guest_mmu
+        # is the active MMU: roots before and after.
+        ProbeSpec("sync_guest_mmu", "kvm_mmu_sync_roots", active_only="guest_mmu",
                   captures={"guest_mmu": "guest_mmu(vcpu)",
                             "nested_cr3": "((struct vcpu_svm *)vcpu)->nested.ctl.nested_cr3"},
                   when=["entry", "return"], max_hits=5, origin=origin),
@@ -192,7 +207,7 @@ def probe_record(spec: ProbeSpec, location: str, error: str | None,
                  hits: list[dict[str, Any]]) -> dict[str, Any]:
     """One probe's result, as every backend reports it."""
     return {"name": spec.name, "at": spec.at, "location": location,
-            "condition": spec.condition, "when": spec.when, "origin": spec.origin,
+            "condition": spec.gdb_condition(), "when": spec.when, "origin": spec.origin,
             "max_hits": spec.max_hits, "error": error, "hits": hits}
 
 

@@ -223,6 +223,8 @@ class TraceProbes:
                 continue
             if len(hits) >= spec.max_hits:
                 continue
+            if spec.active_only and not caps[spec.active_only]["active"]:
+                continue  # the probe's "guest_mmu is active" (no kprobe filter can say it)
             # Another probe's hit between an entry and its return happened inside that call
             # (e.g. the roots handle_invept frees): say so on the outer hit.
             for (name, cpu), outer in open_hit.items():

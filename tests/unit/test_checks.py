@@ -154,3 +154,59 @@ def test_an_expected_failure_names_its_cases_and_their_reason() -> None:
     met, why = e.outcome(blind)
     assert not met and "invept-frees-what-it-names passed, expected to fail" in why
     assert "vmx/remap-invept-single failed, expected to pass" in why
+
+
+# -- SVM: a recorded tracefs stream of invept-svm (TCG L0, Debian 6.1), clean and with the
+# nested VMRUN's KVM_REQ_MMU_SYNC patched out (skip-nested-mmu-sync), both in svm/cached-root.
+def _svm(which: str) -> dict[str, dict[str, Any]]:
+    import json
+
+    from lab.probes.spec import builtin_set
+    from lab.probes.tracefs import TraceProbes
+
+    data = Path(__file__).resolve().parents[1] / "data"
+    specs = builtin_set("invalidation", "amd")
+    for s in specs:
+        s.max_hits = 1000
+    tp = TraceProbes(None, specs,  # type: ignore[arg-type]
+                     json.loads((data / "tracefs-svm-compiled.json").read_text()), t0=0.0)
+    tp.parse((data / f"tracefs-svm-{which}.trace").read_text())
+    return {p["name"]: p for p in tp.results()}
+
+
+def test_svm_clean_stream_syncs_every_l2_run_and_reuses_cached_roots() -> None:
+    probes = _svm("clean")
+    # kvm_mmu_sync_roots fired 23 times in the sample; only the syncs of an active guest_mmu
+    # (L2's shadow of L1's NPT) are hits: the condition tracefs cannot filter on is applied
+    # as the trace is read.
+    syncs = probes["sync_guest_mmu"]["hits"]
+    assert 0 < len(syncs) < 23
+    assert all(h["captures"]["entry"]["guest_mmu"]["active"] for h in syncs)
+    r = checks.BUILTIN["nested-vmrun-syncs-guest-mmu"](probes)
+    assert r.status == "passed" and r.saw == {"l2_runs": 9, "without_sync": 0}, r
+    r = checks.BUILTIN["nested-cr3-switch-reused-a-cached-root"](probes)
+    assert r.status == "passed" and r.saw["switched_to_a_cached_root"] > 0, r
+
+
+def test_svm_l2_runs_without_a_sync_are_caught() -> None:
+    probes = _svm("injected")
+    r = checks.BUILTIN["nested-vmrun-syncs-guest-mmu"](probes)
+    assert r.status == "failed" and r.saw["without_sync"] > r.saw["l2_runs"] // 2, r
+    assert "began without a sync of guest_mmu; first: nested CR3 0x8000" in r.message
+    # A run L1 made without nested paging is not judged (no guest_mmu to sync).
+    clean = _svm("clean")
+    for h in clean["nested_svm_vmexit"]["hits"]:
+        h["captures"]["entry"]["guest_mmu"]["active"] = False
+    r = checks.BUILTIN["nested-vmrun-syncs-guest-mmu"](clean)
+    assert r.status == "failed" and "no L2 run" in r.message
+
+
+def test_active_only_is_the_gdb_condition_too() -> None:
+    from lab.probes.spec import ProbeSpec, builtin_set
+
+    sync = {s.name: s for s in builtin_set("invalidation", "amd")}["sync_guest_mmu"]
+    assert sync.condition is None
+    assert sync.gdb_condition() == "(vcpu)->arch.mmu == &(vcpu)->arch.guest_mmu"
+    both = ProbeSpec("p", "f", condition="x > 1", captures={"g": "guest_mmu(v)"},
+                     active_only="g")
+    assert both.gdb_condition() == "(x > 1) && (v)->arch.mmu == &(v)->arch.guest_mmu"

@@ -29,9 +29,10 @@ def test_the_nightly_pipeline_has_a_job_per_cell_and_a_merge(root: Path,
     _, cells, left_out = _cells(root)
     assert [c.key for c in cells] == [
         "smoke.tcg-svm.debian", "nested.tcg-svm.debian", "invept.tcg-svm.debian",
-        "invept-vmx.bochs-vmx.debian", "invept-bug-injected.tcg-svm.debian",
-        "invept-vmx-bug-injected.bochs-vmx.debian", "invept-vmx-free-current-only.bochs-vmx.debian",
-        "invept-vmx-global-as-single.bochs-vmx.debian"]
+        "invept-vmx.bochs-vmx.debian", "invept-svm.tcg-svm.debian",
+        "invept-bug-injected.tcg-svm.debian", "invept-vmx-bug-injected.bochs-vmx.debian",
+        "invept-vmx-free-current-only.bochs-vmx.debian",
+        "invept-vmx-global-as-single.bochs-vmx.debian", "invept-svm-bug-injected.tcg-svm.debian"]
     assert left_out == []
     p = yaml.safe_load(ci.gitlab(root / "playbooks/nightly.yaml", cells, left_out, None,
                                  matrix.parse_kernels(None), "/srv/lab-cache"))
@@ -56,7 +57,7 @@ def test_a_matrix_crosses_profiles_and_kernels_and_says_what_it_leaves_out(
     kernels = matrix.parse_kernels(f"debian,mine={tree}")
     _, cells, left = matrix.cells(root / "playbooks/nightly.yaml", ["tcg-svm", "bochs-vmx"],
                                   kernels)
-    assert len(cells) == 8 * 2 * 2 and left == []
+    assert len(cells) == 10 * 2 * 2 and left == []
     assert {c.kernel.label for c in cells} == {"debian", "mine"}
     # A playbook that insists on gdb cannot run under bochs-vmx (no gdbstub): left out, why
     pb = tmp_path / "gdb-only.yaml"

@@ -92,7 +92,7 @@ def test_probes_replayed_capture_guest_mmu(transcript: Path, tmp_path: Path) -> 
         assert all(p["valid"] is False for p in gm["previous"])
     syncs = res["sync_guest_mmu"]["hits"]
     assert len(syncs) == 5 and all("return" in h["captures"] for h in syncs)
-    assert res["sync_guest_mmu"]["condition"] == "vcpu->arch.mmu == &vcpu->arch.guest_mmu"
+    assert res["sync_guest_mmu"]["condition"] == "(vcpu)->arch.mmu == &(vcpu)->arch.guest_mmu"
 
 
 def test_layout_detection_on_recorded_ptype(transcript: Path) -> None:
