@@ -265,10 +265,10 @@ def _cached_root_path(probes: dict[str, dict[str, Any]]) -> Result:
                   saw)
 
 
-def _ts(hit: dict[str, Any]) -> float:
-    """When a hit happened: L0's trace clock (tracefs), else the lab's (gdb); one backend
-    per run, so one clock per stream."""
-    return float(hit.get("guest_ts", hit["t"]))
+def _ts(hit: dict[str, Any]) -> tuple[float, int]:
+    """When a hit happened: L0's trace clock and the record's place in the trace (tracefs),
+    else the lab's clock (gdb); one backend per run, so one clock per stream."""
+    return float(hit.get("guest_ts", hit["t"])), int(hit.get("seq", 0))
 
 
 def _l2_runs(probes: dict[str, dict[str, Any]]) -> tuple[list[dict[str, Any]], str | None]:
@@ -283,8 +283,23 @@ def _l2_runs(probes: dict[str, dict[str, Any]]) -> tuple[list[dict[str, Any]], s
     if why:
         return [], why
     assert exits is not None and syncs is not None
-    ex = sorted(exits["hits"], key=_ts)
-    sy = sorted(syncs["hits"], key=_ts)
+    runs = []
+    for vcpu in sorted({_vcpu(h) for h in exits["hits"]}, key=str):
+        runs += _vcpu_runs(sorted((h for h in exits["hits"] if _vcpu(h) == vcpu), key=_ts),
+                           sorted((h for h in syncs["hits"] if _vcpu(h) == vcpu), key=_ts))
+    if not runs:
+        return [], "one #VMEXIT from L2 only: no L2 run between two of them to judge"
+    return runs, None
+
+
+def _vcpu(hit: dict[str, Any]) -> int | None:
+    """Which vCPU a hit was on (tracefs says; gdb's records leave it out: one stream)."""
+    vcpu: int | None = hit["captures"]["entry"]["guest_mmu"].get("vcpu")
+    return vcpu
+
+
+def _vcpu_runs(ex: list[dict[str, Any]], sy: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One vCPU's L2 runs: between two of its #VMEXITs, the syncs it made."""
     runs, k = [], 0
     for prev, cur in itertools.pairwise(ex):
         while k < len(sy) and _ts(sy[k]) <= _ts(prev):
@@ -296,10 +311,9 @@ def _l2_runs(probes: dict[str, dict[str, Any]]) -> tuple[list[dict[str, Any]], s
         entry = cur["captures"]["entry"]
         if not entry["guest_mmu"]["active"]:
             continue  # L1 ran this L2 without nested paging: no guest_mmu to sync
-        runs.append({"nested_cr3": entry["nested_cr3"], "syncs": inside, "t": cur["t"]})
-    if not runs:
-        return [], "one #VMEXIT from L2 only: no L2 run between two of them to judge"
-    return runs, None
+        runs.append({"nested_cr3": entry["nested_cr3"], "syncs": inside, "t": cur["t"],
+                     "vcpu": _vcpu(cur)})
+    return runs
 
 
 def _vmrun_syncs(probes: dict[str, dict[str, Any]]) -> Result:
@@ -327,7 +341,7 @@ def _cached_ncr3(probes: dict[str, dict[str, Any]]) -> Result:
         return Result(name, "failed", why)
     reused = 0
     for before, r in itertools.pairwise(runs):
-        if before["nested_cr3"] == r["nested_cr3"]:
+        if before["vcpu"] != r["vcpu"] or before["nested_cr3"] == r["nested_cr3"]:
             continue
         gm = r["syncs"][0]["guest_mmu"] if r["syncs"] else None
         if gm and gm["current"]["valid"] and gm["current"]["pgd"] == r["nested_cr3"]:

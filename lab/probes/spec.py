@@ -197,10 +197,15 @@ def root_record(pgd: int, hpa: int) -> dict[str, Any]:
 
 
 def guest_mmu_record(current: dict[str, Any], previous: list[dict[str, Any]],
-                     active: bool) -> dict[str, Any]:
+                     active: bool, vcpu: int | None = None) -> dict[str, Any]:
     """What a guest_mmu(...) capture yields, whichever backend read it. `kind` tells the
-    report (and checks) what the value is, whatever the capture is called."""
-    return {"kind": "guest_mmu", "current": current, "previous": previous, "active": active}
+    report (and checks) what the value is, whatever the capture is called; `vcpu` (the
+    struct kvm_vcpu's address, where the backend reads it) tells one vCPU's hits from
+    another's."""
+    rec = {"kind": "guest_mmu", "current": current, "previous": previous, "active": active}
+    if vcpu is not None:
+        rec["vcpu"] = vcpu
+    return rec
 
 
 def probe_record(spec: ProbeSpec, location: str, error: str | None,

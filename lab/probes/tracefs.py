@@ -120,7 +120,7 @@ def assemble(captures: dict[str, Any], fields: dict[str, int]) -> dict[str, Any]
         caps[cname] = guest_mmu_record(
             root_record(get("cur_pgd"), get("cur_hpa")), prev,
             # "guest_mmu is active" is decided here: mmu == &vcpu->arch.guest_mmu
-            get("mmu") == vcpu + cap["guest_mmu_offset"])
+            get("mmu") == vcpu + cap["guest_mmu_offset"], vcpu=vcpu)
     return caps
 
 
@@ -161,6 +161,9 @@ class TraceProbes:
     def start(self) -> None:
         cmds = [f"mountpoint -q {TRACE} || mount -t tracefs nodev {TRACE}",
                 f"echo 0 > {TRACE}/tracing_on", f"echo > {TRACE}/trace",
+                # One clock for every CPU: a vCPU's hits taken on two of L0's CPUs must
+                # still come out in the order they happened (the default clock is per CPU).
+                f"echo global > {TRACE}/trace_clock",
                 f"echo 16384 > {TRACE}/buffer_size_kb"]
         for spec, c in zip(self.specs, self.compiled, strict=True):
             if c["error"]:
@@ -207,7 +210,7 @@ class TraceProbes:
         """Turn the trace into hits: entries open one, ways out close it, hits of other
         probes in between are `within` it."""
         open_hit: dict[tuple[str, int], dict[str, Any]] = {}  # (probe, cpu) -> awaiting return
-        for rec in parse_trace(text):
+        for seq, rec in enumerate(parse_trace(text)):
             if rec["event"] not in self.events:
                 continue
             spec, site = self.events[rec["event"]]
@@ -232,7 +235,9 @@ class TraceProbes:
                     outer.setdefault("within", []).append(
                         {"probe": spec.name, "hit": len(hits) + 1})
             t = rec["ts"] - self.clock[1] + self.clock[0] if self.clock else 0.0
-            hit = {"hit": len(hits) + 1, "t": round(t, 3), "guest_ts": rec["ts"],
+            # seq: the record's place in the trace, which keeps each CPU's order where the
+            # clock gives two records one time (the global clock can, under TCG).
+            hit = {"hit": len(hits) + 1, "t": round(t, 3), "guest_ts": rec["ts"], "seq": seq,
                    "location": {"func": rec["where"].split("+")[0], "file": None,
                                 "line": None, "addr": None,
                                 "site": f"{site['func']}+{site['offset']:#x}"},

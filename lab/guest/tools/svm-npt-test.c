@@ -70,13 +70,14 @@
 enum { OP_VMRUN = 2,                             /* VMRUN: rip a, tlb_ctl b, asid c */
        OP_INVLPGA = 3 };                         /* INVLPGA: address a, ASID b */
 
-/* L1: interprets the script at OPS; results of each VMRUN go to RESULTS. GPRs other than
- * rax/rsp survive VMRUN/#VMEXIT, so L2's rbx is still in rbx afterwards. */
+/* L1: interprets its script (r13); results of each VMRUN go to its results (r14); its VMCB is
+ * at r15. GPRs other than rax/rsp survive VMRUN/#VMEXIT, so L2's rbx is still in rbx
+ * afterwards, and L2's code never touches r13-r15. */
 __asm__(".pushsection .rodata\n"
         ".code64\n"
         "l1_start:\n"
-        "  mov $0x40000, %rsi\n"
-        "  mov $0x200000, %rdi\n"
+        "  mov %r13, %rsi\n"
+        "  mov %r14, %rdi\n"
         "1: mov (%rsi), %rax\n"
         "  test %rax, %rax\n"
         "  jz 9f\n"
@@ -87,32 +88,42 @@ __asm__(".pushsection .rodata\n"
         "  mov %rcx, (%rdx)\n"
         "  jmp 8f\n"
         "3: cmp $3, %rax\n"
-        "  jne 2f\n"
+        "  jne 4f\n"
         "  mov 8(%rsi), %rax\n"
         "  mov 16(%rsi), %rcx\n"
         "  invlpga %rax, %ecx\n"
         "  jmp 8f\n"
+        "4: cmp $9, %rax\n"             /* WAIT until [a] == b (or the VMM gives up) */
+        "  jne 2f\n"
+        "  mov 8(%rsi), %rdx\n"
+        "  mov 16(%rsi), %rcx\n"
+        "5: cmp %rcx, (%rdx)\n"
+        "  je 8f\n"
+        "  cmpq $0, 0x108080\n"
+        "  jne 9f\n"
+        "  pause\n"
+        "  jmp 5b\n"
         "2: mov 8(%rsi), %rdx\n"
-        "  mov %rdx, 0x5578\n"          /* save.rip */
-        "  movq $0, 0x55f8\n"           /* save.rax */
+        "  mov %rdx, 0x578(%r15)\n"     /* save.rip */
+        "  movq $0, 0x5f8(%r15)\n"      /* save.rax */
         "  mov 16(%rsi), %rdx\n"
-        "  movb %dl, 0x505c\n"          /* tlb_ctl */
+        "  movb %dl, 0x5c(%r15)\n"      /* tlb_ctl */
         "  mov 24(%rsi), %rdx\n"
-        "  movl %edx, 0x5058\n"         /* asid */
-        "  movl $0, 0x50c0\n"           /* clean bits: nothing cached */
+        "  movl %edx, 0x58(%r15)\n"     /* asid */
+        "  movl $0, 0xc0(%r15)\n"       /* clean bits: nothing cached */
         "  xor %ebx, %ebx\n"
         "  push %rsi\n"
         "  push %rdi\n"
-        "  mov $0x5000, %eax\n"
+        "  mov %r15, %rax\n"
         "  vmrun %rax\n"
         "  pop %rdi\n"
         "  pop %rsi\n"
-        "  mov 0x5070, %rax\n"
+        "  mov 0x70(%r15), %rax\n"
         "  mov %rax, (%rdi)\n"
-        "  mov 0x55f8, %rax\n"
+        "  mov 0x5f8(%r15), %rax\n"
         "  mov %rax, 8(%rdi)\n"
         "  mov %rbx, 16(%rdi)\n"
-        "  mov 0x5080, %rax\n"
+        "  mov 0x80(%r15), %rax\n"
         "  mov %rax, 24(%rdi)\n"
         "  add $32, %rdi\n"
         "8: add $32, %rsi\n"
@@ -207,7 +218,7 @@ static int vm_create(int kvm, struct vm *vm)
     put64(v + VMCB_SAVE + 0x268, 0x0007040600070406ull); /* g_pat */
 
     /* VM_HSAVE_PA; L1 in long mode with PAE and EFER.SVME */
-    return l1_vcpu(kvm, vm, 0xc0010117, HSAVE, 0x20, 0x1500);
+    return l1_vcpu(kvm, vm, 0xc0010117, HSAVE, 0x20, 0x1500, VMCB);
 }
 
 /* What one VMRUN should give; filled by each case, checked by check(). */
@@ -215,17 +226,12 @@ struct expect { uint64_t exit_code; uint32_t value; uint64_t info2; };
 
 static long iterations = 50;
 
-/* Run the script, compare each VMRUN's result with expect[], report one TAP line. */
-static int finish(struct vm *vm, const char *name, struct expect *exp, int nexp, double t0)
+/* Compare one vCPU's VMRUN results with expect[]: how many differ, the first one, and what
+ * L2 saw there. */
+static int judge(struct result *r, struct expect *exp, int nexp, long *first, char *what,
+                 size_t wlen)
 {
-    char err[200] = "", what[200] = "";
     int bad = 0;
-    long first = -1;
-    if (l1_go(vm, err, sizeof err) < 0) {
-        return tap_result(name, nexp, 0, 0, "", 0, err);
-    }
-    double secs = now() - t0;
-    struct result *r = results(vm);
     for (int i = 0; i < nexp; i++) {
         uint32_t eax = (uint32_t)r[i].rax, ebx = (uint32_t)r[i].rbx;
         int ok = r[i].exit == exp[i].exit_code;
@@ -233,25 +239,46 @@ static int finish(struct vm *vm, const char *name, struct expect *exp, int nexp,
             ok = eax == exp[i].value && ebx == exp[i].value;
         if (ok && exp[i].exit_code == EXIT_NPF)
             ok = r[i].addr == exp[i].info2;
-        if (!ok) {
-            if (!bad) {
-                first = i;
-                if (r[i].exit == EXIT_HLT && exp[i].exit_code == EXIT_NPF)
-                    snprintf(what, sizeof what, "L2 got through a leaf L1 had made %s, read %#x",
-                             exp[i].info2 == X_GPA + 8 ? "read-only" : "not-present", eax);
-                else if (r[i].exit == EXIT_HLT)
-                    snprintf(what, sizeof what, "L2 read %#x:%#x, expected %#x", ebx, eax,
-                             exp[i].value);
-                else
-                    snprintf(what, sizeof what, "exit %#llx (info2 %#llx), expected exit %#llx",
-                             (unsigned long long)r[i].exit,
-                             (unsigned long long)r[i].addr,
-                             (unsigned long long)exp[i].exit_code);
-            }
-            bad++;
+        if (ok)
+            continue;
+        if (!bad++) {
+            *first = i;
+            if (r[i].exit == EXIT_HLT && exp[i].exit_code == EXIT_NPF)
+                snprintf(what, wlen, "L2 got through a leaf L1 had made %s, read %#x",
+                         exp[i].info2 == X_GPA + 8 ? "read-only" : "not-present", eax);
+            else if (r[i].exit == EXIT_HLT)
+                snprintf(what, wlen, "L2 read %#x:%#x, expected %#x", ebx, eax, exp[i].value);
+            else
+                snprintf(what, wlen, "exit %#llx (info2 %#llx), expected exit %#llx",
+                         (unsigned long long)r[i].exit, (unsigned long long)r[i].addr,
+                         (unsigned long long)exp[i].exit_code);
         }
     }
-    return tap_result(name, nexp, bad, first, what, secs, NULL);
+    return bad;
+}
+
+/* Run the script(s), compare each vCPU's VMRUN results with its expect[], report one TAP
+ * line. exp1/nexp1: vCPU 1's, for the cases that give L1 two vCPUs (else NULL, 0). */
+static int finish2(struct vm *vm, const char *name, struct expect *exp, int nexp,
+                   struct expect *exp1, int nexp1, double t0)
+{
+    char err[200] = "", what[200] = "", what1[200] = "";
+    long first = -1, first1 = -1;
+    if (l1_go(vm, err, sizeof err) < 0)
+        return tap_result(name, nexp + nexp1, 0, 0, "", 0, err);
+    double secs = now() - t0;
+    int bad = judge(results(vm), exp, nexp, &first, what, sizeof what);
+    int bad1 = exp1 ? judge(results1(vm), exp1, nexp1, &first1, what1, sizeof what1) : 0;
+    if (!bad && bad1) {
+        snprintf(what, sizeof what, "vCPU 1: %s", what1);
+        first = first1;
+    }
+    return tap_result(name, nexp + nexp1, bad + bad1, first, what, secs, NULL);
+}
+
+static int finish(struct vm *vm, const char *name, struct expect *exp, int nexp, double t0)
+{
+    return finish2(vm, name, exp, nexp, NULL, 0, t0);
 }
 
 #define MAXEXP 20000
@@ -494,6 +521,45 @@ static int case_invlpga(int kvm, const char *name)
     return rc;
 }
 
+/* two-vcpus: L1 has two vCPUs on one NPT root. In turns: vCPU 0 repoints X's leaf and hands
+ * over; vCPU 1 runs L2 (flushing its TLB) and must read the new page; then vCPU 0 runs L2
+ * too. Shadow pages are the VM's, roots and their sync each vCPU's: a change made while one
+ * vCPU ran must reach the other's guest_mmu. */
+static int case_two_vcpus(int kvm, const char *name)
+{
+    struct vm vm;
+    static struct expect exp[MAXEXP], exp1[MAXEXP];
+    int n = 0, n1 = 0;
+    double t0 = now();
+    if (vm_create(kvm, &vm) < 0) { tap_result(name, 0, 0, 0, "", 0, "vm_create"); return 1; }
+    memcpy(vm.mem + CPU1_PAGE_B, vm.mem + VMCB, 0x1000);      /* vCPU 1's VMCB: the same L2 */
+    if (l1_cpu(kvm, &vm, 1, 0xc0010117, CPU1_PAGE_A, 0x20, 0x1500, CPU1_PAGE_B) < 0) {
+        vm_destroy(&vm);
+        return tap_result(name, 0, 0, 0, "", 0, "a second vCPU");
+    }
+    vmrun(&vm, L2_READ, 1, 1);                                /* both vCPUs have a root */
+    exp[n++] = (struct expect){ EXIT_HLT, pattern[0], 0 };
+    op_on(&vm, 1, OP_VMRUN, L2_READ, 1, 1);
+    exp1[n1++] = (struct expect){ EXIT_HLT, pattern[0], 0 };
+    op_on(&vm, 1, OP_STORE, SYNC_ACK, 1, 0);
+    op(&vm, OP_WAIT, SYNC_ACK, 1, 0);
+    for (long i = 1; i <= iterations && n1 < MAXEXP; i++) {
+        int p = (int)(i % 4);
+        store(&vm, NPT_LEAF(NPT_A), leaf(p, PTE_RW));
+        store(&vm, SYNC_GEN, (uint64_t)i + 1);
+        op(&vm, OP_WAIT, SYNC_ACK, (uint64_t)i + 1, 0);
+        vmrun(&vm, L2_READ, 1, 1);
+        exp[n++] = (struct expect){ EXIT_HLT, pattern[p], 0 };
+        op_on(&vm, 1, OP_WAIT, SYNC_GEN, (uint64_t)i + 1, 0);
+        op_on(&vm, 1, OP_VMRUN, L2_READ, 1, 1);
+        exp1[n1++] = (struct expect){ EXIT_HLT, pattern[p], 0 };
+        op_on(&vm, 1, OP_STORE, SYNC_ACK, (uint64_t)i + 1, 0);
+    }
+    int rc = finish2(&vm, name, exp, n, exp1, n1, t0);
+    vm_destroy(&vm);
+    return rc;
+}
+
 struct tcase { const char *name; int (*fn)(int kvm, const char *name); int needs; };
 #define NEEDS_FLUSH_BY_ASID 1
 #define NEEDS_ASIDS 2
@@ -518,6 +584,7 @@ static const struct tcase cases[] = {
     { "svm/repoint-table", case_repoint_table, 0 },
     { "svm/l2-paging", case_l2_paging, 0 },
     { "svm/invlpga", case_invlpga, 0 },
+    { "svm/two-vcpus", case_two_vcpus, 0 },
 };
 #define NCASES (int)(sizeof(cases) / sizeof(cases[0]))
 

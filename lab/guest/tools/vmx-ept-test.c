@@ -60,18 +60,20 @@
 
 enum { OP_ENTER = 2, OP_INVEPT = 3, OP_VMWRITE = 4, OP_INVVPID = 5 };
 
-/* L1: VMXON, VMCLEAR/VMPTRLD, vmwrite the table, then interpret the script.
+/* L1: VMXON, VMCLEAR/VMPTRLD, vmwrite the table, then interpret its script (r13), recording
+ * into its results (r14); its VMXON/VMCS pointers, descriptors and saved registers are at r15
+ * (PTRS for vCPU 0), which L2's code never touches and VM exits leave as they were.
  * Failures of VMX instructions are recorded as exit_reason 0xfff000NN with the VM-instruction
  * error (or the step) in the low bits. */
 extern const uint8_t l1_exited[];
 __asm__(".pushsection .rodata\n"
         ".code64\n"
         "l1_start:\n"
-        "  vmxon 0x30000\n"
+        "  vmxon (%r15)\n"
         "  jbe 90f\n"
-        "  vmclear 0x30008\n"
+        "  vmclear 8(%r15)\n"
         "  jbe 91f\n"
-        "  vmptrld 0x30008\n"
+        "  vmptrld 8(%r15)\n"
         "  jbe 92f\n"
         "  mov $0x31000, %rsi\n"
         "1: mov (%rsi), %rdx\n"
@@ -82,8 +84,8 @@ __asm__(".pushsection .rodata\n"
         "  jbe 93f\n"
         "  add $16, %rsi\n"
         "  jmp 1b\n"
-        "2: mov $0x40000, %rsi\n"
-        "  mov $0x200000, %rdi\n"
+        "2: mov %r13, %rsi\n"
+        "  mov %r14, %rdi\n"
         "3: mov (%rsi), %rax\n"
         "  test %rax, %rax\n"
         "  jz 99f\n"
@@ -96,23 +98,33 @@ __asm__(".pushsection .rodata\n"
         "4: cmp $3, %rax\n"
         "  jne 5f\n"
         "  mov 16(%rsi), %rcx\n"        /* INVEPT type a, EPTP b */
-        "  mov %rcx, 0x30100\n"
-        "  movq $0, 0x30108\n"
+        "  mov %rcx, 0x100(%r15)\n"
+        "  movq $0, 0x108(%r15)\n"
         "  mov 8(%rsi), %rdx\n"
-        "  invept 0x30100, %rdx\n"
+        "  invept 0x100(%r15), %rdx\n"
         "  jbe 94f\n"
         "  jmp 8f\n"
         "5: cmp $5, %rax\n"
         "  jne 51f\n"
         "  mov 16(%rsi), %rcx\n"        /* INVVPID type a, VPID b, address c */
-        "  mov %rcx, 0x30110\n"
+        "  mov %rcx, 0x110(%r15)\n"
         "  mov 24(%rsi), %rcx\n"
-        "  mov %rcx, 0x30118\n"
+        "  mov %rcx, 0x118(%r15)\n"
         "  mov 8(%rsi), %rdx\n"
-        "  invvpid 0x30110, %rdx\n"
+        "  invvpid 0x110(%r15), %rdx\n"
         "  jbe 96f\n"
         "  jmp 8f\n"
-        "51: cmp $4, %rax\n"
+        "51: cmp $9, %rax\n"              /* WAIT until [a] == b (or the VMM gives up) */
+        "  jne 52f\n"
+        "  mov 8(%rsi), %rdx\n"
+        "  mov 16(%rsi), %rcx\n"
+        "53: cmp %rcx, (%rdx)\n"
+        "  je 8f\n"
+        "  cmpq $0, 0x108080\n"
+        "  jne 99f\n"
+        "  pause\n"
+        "  jmp 53b\n"
+        "52: cmp $4, %rax\n"
         "  jne 6f\n"
         "  mov 8(%rsi), %rdx\n"         /* VMWRITE field a = b */
         "  mov 16(%rsi), %rax\n"
@@ -124,11 +136,11 @@ __asm__(".pushsection .rodata\n"
         "  vmwrite %rax, %rdx\n"
         "  mov $0x6c14, %rdx\n"         /* HOST_RSP */
         "  vmwrite %rsp, %rdx\n"
-        "  mov %rsi, 0x30010\n"
-        "  mov %rdi, 0x30018\n"
+        "  mov %rsi, 0x10(%r15)\n"
+        "  mov %rdi, 0x18(%r15)\n"
         "  xor %eax, %eax\n"
         "  xor %ebx, %ebx\n"
-        "  cmpq $0, 0x30020\n"
+        "  cmpq $0, 0x20(%r15)\n"
         "  jne 7f\n"
         "  vmlaunch\n"
         "  jmp 95f\n"                   /* only reached if the entry failed */
@@ -136,9 +148,9 @@ __asm__(".pushsection .rodata\n"
         "  jmp 95f\n"
         ".globl l1_exited\n"
         "l1_exited:\n"                  /* HOST_RIP: L2's eax/ebx are still in rax/rbx */
-        "  mov 0x30010, %rsi\n"
-        "  mov 0x30018, %rdi\n"
-        "  movq $1, 0x30020\n"
+        "  mov 0x10(%r15), %rsi\n"
+        "  mov 0x18(%r15), %rdi\n"
+        "  movq $1, 0x20(%r15)\n"
         "  mov %rax, 8(%rdi)\n"
         "  mov %rbx, 16(%rdi)\n"
         "  mov $0x4402, %rdx\n"
@@ -153,14 +165,14 @@ __asm__(".pushsection .rodata\n"
         "90: mov $0xfff00100, %rax\n jmp 98f\n"
         "91: mov $0xfff00200, %rax\n jmp 98f\n"
         "92: mov $0xfff00300, %rax\n jmp 98f\n"
-        "93: mov %rdx, 0x30028\n mov $0xfff00400, %rax\n jmp 97f\n"
+        "93: mov %rdx, 0x28(%r15)\n mov $0xfff00400, %rax\n jmp 97f\n"
         "94: mov $0xfff00500, %rax\n jmp 97f\n"
-        "95: mov 0x30010, %rsi\n mov 0x30018, %rdi\n mov $0xfff00600, %rax\n jmp 97f\n"
+        "95: mov 0x10(%r15), %rsi\n mov 0x18(%r15), %rdi\n mov $0xfff00600, %rax\n jmp 97f\n"
         "96: mov $0xfff00700, %rax\n"
         "97: mov $0x4400, %rdx\n"       /* add VM-instruction error when a VMCS is current */
         "  vmread %rdx, %rcx\n"
         "  or %rcx, %rax\n"
-        "98: mov %rax, 0x30030\n"       /* fatal: stop the script */
+        "98: mov %rax, 0x30(%r15)\n"       /* fatal: stop the script */
         "99: hlt\n"
         "  jmp 99b\n"
         "l1_end:\n"
@@ -312,57 +324,78 @@ static int vm_create(struct vm *vm)
     put64(m + PTRS + 8, VMCS_PAGE);
     vmcs_table(vm);
     /* IA32_FEATURE_CONTROL: locked, VMXON allowed; L1 in long mode with PAE and CR4.VMXE */
-    return l1_vcpu(kvm, vm, 0x3a, 0x5, 0x2020, 0x500);
+    return l1_vcpu(kvm, vm, 0x3a, 0x5, 0x2020, 0x500, PTRS);
 }
 
-/* Run L1 to its end; a failed VMX instruction in L1 is an error of the run. */
+/* Run L1 to its end; a failed VMX instruction in L1 (either vCPU) is an error of the run. */
 static int vm_go(struct vm *vm, char *err, size_t errlen)
 {
     if (l1_go(vm, err, errlen) < 0)
         return -1;
-    uint64_t fatal = get64(vm->mem + PTRS + 0x30);
-    if (fatal) {
-        snprintf(err, errlen, "L1's VMX instruction failed: code %#llx (field %#llx)",
-                 (unsigned long long)fatal, (unsigned long long)get64(vm->mem + PTRS + 0x28));
-        return -1;
+    for (int cpu = 0; cpu < (vm->vcpu1 > 0 ? 2 : 1); cpu++) {
+        const uint8_t *ptrs = vm->mem + (cpu ? CPU1_PTRS : PTRS);
+        uint64_t fatal = get64(ptrs + 0x30);
+        if (fatal) {
+            snprintf(err, errlen, "L1's VMX instruction failed on vCPU %d: code %#llx "
+                     "(field %#llx)", cpu, (unsigned long long)fatal,
+                     (unsigned long long)get64(ptrs + 0x28));
+            return -1;
+        }
     }
     return 0;
 }
 
 struct expect { uint64_t reason; uint32_t value; uint64_t gpa; };
 
-static int finish(struct vm *vm, const char *name, struct expect *exp, int n, double t0)
+/* Compare one vCPU's L2 runs with expect[]: how many differ, the first, what L2 saw there. */
+static int judge(struct result *r, struct expect *exp, int n, long *first, char *what,
+                 size_t wlen)
 {
-    char err[256] = "", what[200] = "";
     int bad = 0;
-    long first = -1;
-    if (vm_go(vm, err, sizeof err) < 0) return tap_result(name, n, 0, 0, "", 0, err);
-    double secs = now() - t0;
-    struct result *r = results(vm);
     for (int i = 0; i < n; i++) {
         uint32_t eax = (uint32_t)r[i].rax, ebx = (uint32_t)r[i].rbx;
         uint64_t reason = r[i].exit & 0xffff;
         int ok = reason == exp[i].reason && !(r[i].exit & (1ull << 31));
         if (ok && exp[i].reason == EXIT_HLT) ok = eax == exp[i].value && ebx == exp[i].value;
         if (ok && exp[i].reason == EXIT_EPT_VIOLATION) ok = r[i].addr == exp[i].gpa;
-        if (!ok) {
-            if (!bad) {
-                first = i;
-                if (reason == EXIT_HLT && exp[i].reason == EXIT_EPT_VIOLATION)
-                    snprintf(what, sizeof what, "L2 got through an EPT entry L1 had made %s",
-                             exp[i].gpa == X_GPA + 8 ? "read-only" : "not-present");
-                else if (reason == EXIT_HLT)
-                    snprintf(what, sizeof what, "L2 read %#x:%#x, expected %#x", ebx, eax,
-                             exp[i].value);
-                else
-                    snprintf(what, sizeof what, "exit reason %#llx (gpa %#llx), expected %llu",
-                             (unsigned long long)r[i].exit,
-                             (unsigned long long)r[i].addr, (unsigned long long)exp[i].reason);
-            }
-            bad++;
+        if (ok)
+            continue;
+        if (!bad++) {
+            *first = i;
+            if (reason == EXIT_HLT && exp[i].reason == EXIT_EPT_VIOLATION)
+                snprintf(what, wlen, "L2 got through an EPT entry L1 had made %s",
+                         exp[i].gpa == X_GPA + 8 ? "read-only" : "not-present");
+            else if (reason == EXIT_HLT)
+                snprintf(what, wlen, "L2 read %#x:%#x, expected %#x", ebx, eax, exp[i].value);
+            else
+                snprintf(what, wlen, "exit reason %#llx (gpa %#llx), expected %llu",
+                         (unsigned long long)r[i].exit, (unsigned long long)r[i].addr,
+                         (unsigned long long)exp[i].reason);
         }
     }
-    return tap_result(name, n, bad, first, what, secs, NULL);
+    return bad;
+}
+
+/* Run the script(s) and report one TAP line; exp1/n1: vCPU 1's (NULL, 0 with one vCPU). */
+static int finish2(struct vm *vm, const char *name, struct expect *exp, int n,
+                   struct expect *exp1, int n1, double t0)
+{
+    char err[256] = "", what[200] = "", what1[200] = "";
+    long first = -1, first1 = -1;
+    if (vm_go(vm, err, sizeof err) < 0) return tap_result(name, n + n1, 0, 0, "", 0, err);
+    double secs = now() - t0;
+    int bad = judge(results(vm), exp, n, &first, what, sizeof what);
+    int bad1 = exp1 ? judge(results1(vm), exp1, n1, &first1, what1, sizeof what1) : 0;
+    if (!bad && bad1) {
+        snprintf(what, sizeof what, "vCPU 1: %s", what1);
+        first = first1;
+    }
+    return tap_result(name, n + n1, bad + bad1, first, what, secs, NULL);
+}
+
+static int finish(struct vm *vm, const char *name, struct expect *exp, int n, double t0)
+{
+    return finish2(vm, name, exp, n, NULL, 0, t0);
 }
 
 #define MAXEXP 20000
@@ -584,6 +617,50 @@ static int case_invvpid(const char *name, int type)
     END(name)
 }
 
+/* two-vcpus: L1 has two vCPUs on one EPTP. In turns: vCPU 0 repoints X's leaf, INVEPTs and
+ * hands over; vCPU 1 INVEPTs (INVEPT is per logical processor: an L1 flushes every CPU, as
+ * KVM's kvm_flush_remote_tlbs does) and runs L2, which must read the new page; then vCPU 0
+ * runs L2 too. Shadow pages are the VM's, guest_mmu roots each vCPU's: a change made while
+ * one vCPU ran must reach the other's. */
+static int case_two_vcpus(const char *name)
+{
+    static struct expect exp1[MAXEXP];
+    int n1 = 0;
+    BEGIN(name)
+    uint8_t *m = vm.mem;
+    put32(m + CPU1_PAGE_A, (uint32_t)caps.basic & 0x7fffffff);   /* vCPU 1's VMXON region */
+    put32(m + CPU1_PAGE_B, (uint32_t)caps.basic & 0x7fffffff);   /* and VMCS */
+    put64(m + CPU1_PTRS, CPU1_PAGE_A);
+    put64(m + CPU1_PTRS + 8, CPU1_PAGE_B);
+    if (l1_cpu(kvm, &vm, 1, 0x3a, 0x5, 0x2020, 0x500, CPU1_PTRS) < 0) {
+        vm_destroy(&vm);
+        return tap_result(name, 0, 0, 0, "", 0, "a second vCPU");
+    }
+    enter(&vm, L2_READ);                                    /* both vCPUs have a root */
+    exp[n++] = (struct expect){ EXIT_HLT, pattern[0], 0 };
+    op_on(&vm, 1, OP_ENTER, L2_READ, 0, 0);
+    exp1[n1++] = (struct expect){ EXIT_HLT, pattern[0], 0 };
+    op_on(&vm, 1, OP_STORE, SYNC_ACK, 1, 0);
+    op(&vm, OP_WAIT, SYNC_ACK, 1, 0);
+    for (long i = 1; i <= iterations && n1 < MAXEXP; i++) {
+        int p = (int)(i % 4);
+        store(&vm, EPT_LEAF(EPT_A), leaf(p, EPT_RWX));
+        invept(&vm, INVEPT_SINGLE, EPTP(EPT_A));
+        store(&vm, SYNC_GEN, (uint64_t)i + 1);
+        op(&vm, OP_WAIT, SYNC_ACK, (uint64_t)i + 1, 0);
+        enter(&vm, L2_READ);
+        exp[n++] = (struct expect){ EXIT_HLT, pattern[p], 0 };
+        op_on(&vm, 1, OP_WAIT, SYNC_GEN, (uint64_t)i + 1, 0);
+        if (!omit_invept) op_on(&vm, 1, OP_INVEPT, INVEPT_SINGLE, EPTP(EPT_A), 0);
+        op_on(&vm, 1, OP_ENTER, L2_READ, 0, 0);
+        exp1[n1++] = (struct expect){ EXIT_HLT, pattern[p], 0 };
+        op_on(&vm, 1, OP_STORE, SYNC_ACK, (uint64_t)i + 1, 0);
+    }
+    int rc = finish2(&vm, name, exp, n, exp1, n1, t0);
+    vm_destroy(&vm);
+    return rc;
+}
+
 static int remap_single(const char *n) { return case_remap(n, INVEPT_SINGLE, 0); }
 static int remap_global(const char *n) { return case_remap(n, INVEPT_GLOBAL, 0); }
 static int remap_twice(const char *n) { return case_remap(n, INVEPT_SINGLE, 1); }
@@ -616,6 +693,7 @@ static const struct tcase cases[] = {
     { "vmx/invvpid-address", invvpid_addr, NEEDS_INVVPID_ADDR },
     { "vmx/invvpid-single", invvpid_single, NEEDS_INVVPID_SINGLE },
     { "vmx/invvpid-all", invvpid_all, NEEDS_INVVPID_ALL },
+    { "vmx/two-vcpus", case_two_vcpus, NEEDS_SINGLE },
 };
 #define NCASES (int)(sizeof(cases) / sizeof(cases[0]))
 
