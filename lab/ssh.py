@@ -8,13 +8,15 @@ nothing is ever exposed beyond loopback. Every call has a timeout; none can hang
 from __future__ import annotations
 
 import base64
+import contextlib
 import functools
 import logging
 import select
+import signal
 import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -30,6 +32,27 @@ log = logging.getLogger(__name__)
 _paramiko_log = logging.getLogger("paramiko")
 _paramiko_log.addHandler(logging.NullHandler())
 _paramiko_log.propagate = False
+
+
+# The signals the lab's handlers turn into an exception to unwind (lab/cli.py), and Ctrl-C.
+_UNWINDING = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
+
+
+@contextlib.contextmanager
+def _signals_deferred() -> Iterator[None]:
+    """Hold Ctrl-C and SIGTERM back while paramiko runs in the main thread. paramiko takes
+    its channel locks as `acquire(); try:`: an exception raised by a signal handler in
+    between leaves a lock held for good, and the teardown's chan.close() (or the transport
+    thread's unlinking of the channel, which transport.close() waits for) then hangs. A
+    signal that comes meanwhile is delivered as the block ends, outside paramiko."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, _UNWINDING)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
 @dataclass
@@ -154,10 +177,11 @@ class SSHSession:
         return self.transport
 
     def close(self) -> None:
-        for t in [self.transport, *self._retired]:
-            if t is not None:
-                t.close()
-        self.transport, self._retired = None, []
+        with _signals_deferred():
+            for t in [self.transport, *self._retired]:
+                if t is not None:
+                    t.close()
+            self.transport, self._retired = None, []
 
     def __enter__(self) -> SSHSession:
         return self
@@ -181,20 +205,24 @@ class SSHSession:
         out = Capture(keep, sinks[0] if sinks else None)
         err = Capture(keep, sinks[1] if sinks else None)
         try:
-            chan.settimeout(0.0)
-            if stdin is not None:
-                chan.sendall(stdin)
-            chan.shutdown_write()
+            with _signals_deferred():
+                chan.settimeout(0.0)
+                if stdin is not None:
+                    chan.sendall(stdin)
+                chan.shutdown_write()
             while True:
                 got = False
-                if chan.recv_ready():
-                    out.add(chan.recv(65536))
-                    got = True
-                if chan.recv_stderr_ready():
-                    err.add(chan.recv_stderr(65536))
-                    got = True
-                if not got and chan.exit_status_ready() and not chan.recv_ready() \
-                        and not chan.recv_stderr_ready():
+                # Ctrl-C and SIGTERM land in select() below, never inside paramiko.
+                with _signals_deferred():
+                    if chan.recv_ready():
+                        out.add(chan.recv(65536))
+                        got = True
+                    if chan.recv_stderr_ready():
+                        err.add(chan.recv_stderr(65536))
+                        got = True
+                    done = not got and chan.exit_status_ready() and not chan.recv_ready() \
+                        and not chan.recv_stderr_ready()
+                if done:
                     break
                 if time.monotonic() - t0 > timeout:
                     raise CommandTimeout(f"{self.level}: `{command}` did not finish in "
@@ -207,9 +235,11 @@ class SSHSession:
                     check()
                 if not got:
                     select.select([chan], [], [], 0.1)
-            status = chan.recv_exit_status()
+            with _signals_deferred():
+                status = chan.recv_exit_status()
         finally:
-            chan.close()
+            with _signals_deferred():
+                chan.close()
         return RunResult(command, status, out.text(), err.text(), time.monotonic() - t0,
                          stdout_bytes=out.total, stderr_bytes=err.total)
 

@@ -162,3 +162,32 @@ def test_a_channel_closed_before_it_took_the_command_is_opened_again() -> None:
     s, _ = session("Administratively prohibited")
     with pytest.raises(SSHError, match="Administratively prohibited"):
         s._exec("true", 5, None)
+
+
+def test_ctrl_c_waits_until_paramiko_is_done() -> None:
+    # A signal whose handler raises (the lab's SIGTERM/SIGHUP, Python's Ctrl-C) must not land
+    # inside paramiko, where it could leave a channel lock held and hang the teardown: it is
+    # held back while paramiko runs and delivered, raising, as soon as that ends.
+    import os
+    import signal
+
+    from lab.ssh import _signals_deferred
+
+    class Unwind(Exception):
+        pass
+
+    def handler(signum: int, frame: object) -> None:
+        raise Unwind(signum)
+
+    old = signal.signal(signal.SIGTERM, handler)
+    inside_done = False
+    try:
+        with pytest.raises(Unwind), _signals_deferred():
+            os.kill(os.getpid(), signal.SIGTERM)
+            for _ in range(100000):  # bytecode boundaries where a handler would run
+                pass
+            inside_done = True
+        assert inside_done
+    finally:
+        signal.signal(signal.SIGTERM, old)
+    assert signal.pthread_sigmask(signal.SIG_BLOCK, set()) == set()  # nothing left blocked
