@@ -16,7 +16,7 @@ from importlib import metadata
 from pathlib import Path
 from types import FrameType
 
-from lab import doctor, driver, procs, running
+from lab import doctor, driver, procs, running, signals
 from lab.cache import cache_root
 from lab.errors import EXIT_INFRA, EXIT_USAGE, Aborted, LabError, UsageError
 from lab.profiles import PROFILES
@@ -30,15 +30,19 @@ DESCRIPTION = ("A nested-virtualization lab for KVM developers: L0 -> L1 -> L2, 
 
 
 def _raise_aborted(signum: int, frame: FrameType | None) -> None:
-    raise Aborted(f"stopped by signal {signal.Signals(signum).name}")
+    signals.raise_or_defer(Aborted(f"stopped by signal {signal.Signals(signum).name}"))
+
+
+def _raise_interrupt(signum: int, frame: FrameType | None) -> None:
+    signals.raise_or_defer(KeyboardInterrupt())
 
 
 def _install_signal_handlers(interrupt: bool = False) -> None:
-    # SIGTERM and SIGHUP unwind like Ctrl-C, so every context manager tears its part down.
+    # SIGTERM and SIGHUP unwind like Ctrl-C, so every context manager tears its part down;
+    # none of them inside paramiko (lab/signals.py).
     signal.signal(signal.SIGTERM, _raise_aborted)
     signal.signal(signal.SIGHUP, _raise_aborted)
-    if interrupt:
-        signal.signal(signal.SIGINT, _raise_aborted)
+    signal.signal(signal.SIGINT, _raise_aborted if interrupt else _raise_interrupt)
 
 
 def _setup_logging(verbosity: int) -> None:

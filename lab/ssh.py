@@ -8,15 +8,13 @@ nothing is ever exposed beyond loopback. Every call has a timeout; none can hang
 from __future__ import annotations
 
 import base64
-import contextlib
 import functools
 import logging
 import select
-import signal
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -25,6 +23,7 @@ import paramiko
 
 from lab.deadline import TimedOut, retry
 from lab.errors import CommandTimeout, SSHError
+from lab.signals import deferred
 
 # paramiko logs every refused early connection (the guest is still booting) with a traceback;
 # the lab reports connection problems itself, so keep paramiko's own log out of the terminal.
@@ -32,27 +31,6 @@ log = logging.getLogger(__name__)
 _paramiko_log = logging.getLogger("paramiko")
 _paramiko_log.addHandler(logging.NullHandler())
 _paramiko_log.propagate = False
-
-
-# The signals the lab's handlers turn into an exception to unwind (lab/cli.py), and Ctrl-C.
-_UNWINDING = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
-
-
-@contextlib.contextmanager
-def _signals_deferred() -> Iterator[None]:
-    """Hold Ctrl-C and SIGTERM back while paramiko runs in the main thread. paramiko takes
-    its channel locks as `acquire(); try:`: an exception raised by a signal handler in
-    between leaves a lock held for good, and the teardown's chan.close() (or the transport
-    thread's unlinking of the channel, which transport.close() waits for) then hangs. A
-    signal that comes meanwhile is delivered as the block ends, outside paramiko."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    old = signal.pthread_sigmask(signal.SIG_BLOCK, _UNWINDING)
-    try:
-        yield
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
 @dataclass
@@ -177,7 +155,7 @@ class SSHSession:
         return self.transport
 
     def close(self) -> None:
-        with _signals_deferred():
+        with deferred():
             for t in [self.transport, *self._retired]:
                 if t is not None:
                     t.close()
@@ -205,7 +183,7 @@ class SSHSession:
         out = Capture(keep, sinks[0] if sinks else None)
         err = Capture(keep, sinks[1] if sinks else None)
         try:
-            with _signals_deferred():
+            with deferred():
                 chan.settimeout(0.0)
                 if stdin is not None:
                     chan.sendall(stdin)
@@ -213,7 +191,7 @@ class SSHSession:
             while True:
                 got = False
                 # Ctrl-C and SIGTERM land in select() below, never inside paramiko.
-                with _signals_deferred():
+                with deferred():
                     if chan.recv_ready():
                         out.add(chan.recv(65536))
                         got = True
@@ -235,10 +213,10 @@ class SSHSession:
                     check()
                 if not got:
                     select.select([chan], [], [], 0.1)
-            with _signals_deferred():
+            with deferred():
                 status = chan.recv_exit_status()
         finally:
-            with _signals_deferred():
+            with deferred():
                 chan.close()
         return RunResult(command, status, out.text(), err.text(), time.monotonic() - t0,
                          stdout_bytes=out.total, stderr_bytes=err.total)

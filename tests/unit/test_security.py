@@ -165,29 +165,32 @@ def test_a_channel_closed_before_it_took_the_command_is_opened_again() -> None:
 
 
 def test_ctrl_c_waits_until_paramiko_is_done() -> None:
-    # A signal whose handler raises (the lab's SIGTERM/SIGHUP, Python's Ctrl-C) must not land
-    # inside paramiko, where it could leave a channel lock held and hang the teardown: it is
-    # held back while paramiko runs and delivered, raising, as soon as that ends.
+    # A signal whose handler unwinds (the lab's Ctrl-C, SIGTERM, SIGHUP) must not raise inside
+    # paramiko, where it could leave a channel lock held and hang the teardown: inside a
+    # deferred block its exception waits, and is raised as soon as the block ends.
     import os
     import signal
 
-    from lab.ssh import _signals_deferred
+    from lab import signals
 
     class Unwind(Exception):
         pass
 
     def handler(signum: int, frame: object) -> None:
-        raise Unwind(signum)
+        signals.raise_or_defer(Unwind(signum))
 
     old = signal.signal(signal.SIGTERM, handler)
     inside_done = False
     try:
-        with pytest.raises(Unwind), _signals_deferred():
+        with pytest.raises(Unwind), signals.deferred():
             os.kill(os.getpid(), signal.SIGTERM)
-            for _ in range(100000):  # bytecode boundaries where a handler would run
+            for _ in range(100000):  # bytecode boundaries where the handler runs
                 pass
             inside_done = True
         assert inside_done
+        with pytest.raises(Unwind):  # outside a block: at once
+            os.kill(os.getpid(), signal.SIGTERM)
+            for _ in range(100000):
+                pass
     finally:
         signal.signal(signal.SIGTERM, old)
-    assert signal.pthread_sigmask(signal.SIG_BLOCK, set()) == set()  # nothing left blocked
