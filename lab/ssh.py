@@ -234,7 +234,7 @@ class SSHSession:
                 return chan
             except paramiko.SSHException as e:
                 chan.close()
-                if attempt == 2 or not any(w in str(e) for w in ("not open", "Channel closed")):
+                if attempt == 2 or not _closed_unanswered(e):
                     raise SSHError(f"{self.level}: cannot run `{command[:60]}`: {e}",
                                    level=self.level) from None
                 log.info(f"{self.level}: the channel closed before it took the command; "
@@ -277,9 +277,21 @@ class SSHSession:
 
     # -- files -----------------------------------------------------------------------------
     def _sftp(self) -> paramiko.SFTPClient:
-        transport = self.require()
-        sftp = _bounded(lambda: paramiko.SFTPClient.from_transport(transport), 120,
-                        f"{self.level}: opening SFTP", None)
+        """An SFTP session; like a command's channel (_exec), one the server closed before it
+        answered the subsystem request (dropbear, right after another SFTP transfer: seen in
+        CI for a get() right after a put()) is asked for once more."""
+        for attempt in (1, 2):
+            transport = self.require()
+            try:
+                sftp = _bounded(functools.partial(paramiko.SFTPClient.from_transport,
+                                                  transport), 120,
+                                f"{self.level}: opening SFTP", None)
+                break
+            except paramiko.SSHException as e:
+                if attempt == 2 or not _closed_unanswered(e):
+                    raise SSHError(f"{self.level}: cannot open SFTP: {e}",
+                                   level=self.level) from None
+                log.info(f"{self.level}: the SFTP channel closed before it opened; once more")
         if sftp is None:
             raise SSHError(f"{self.level}: no SFTP subsystem", level=self.level)
         chan = sftp.get_channel()
@@ -295,6 +307,11 @@ class SSHSession:
     def get(self, remote: str, local: Path) -> None:
         with self._sftp() as sftp:
             sftp.get(remote, str(local))
+
+
+def _closed_unanswered(e: Exception) -> bool:
+    """paramiko's word for a channel the server closed before it answered a request."""
+    return any(w in str(e) for w in ("not open", "Channel closed"))
 
 
 def _bounded(call: Callable[[], Any], timeout: float, what: str,

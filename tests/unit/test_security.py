@@ -163,6 +163,36 @@ def test_a_channel_closed_before_it_took_the_command_is_opened_again() -> None:
     with pytest.raises(SSHError, match="Administratively prohibited"):
         s._exec("true", 5, None)
 
+    # The same for an SFTP session (its subsystem request), seen after a put() in CI.
+    class Sftp:
+        def get_channel(self) -> None:
+            return None
+
+    client = Sftp()
+    answers = iter([paramiko.SSHException("Channel closed."), client])
+
+    def from_transport(t: object) -> object:
+        a = next(answers)
+        if isinstance(a, Exception):
+            raise a
+        return a
+
+    class Transport:
+        def is_active(self) -> bool:
+            return True
+
+    s = SSHSession.__new__(SSHSession)
+    s.level, s.transport = "l2", Transport()  # type: ignore[assignment]
+    real = paramiko.SFTPClient.from_transport
+    paramiko.SFTPClient.from_transport = from_transport  # type: ignore[assignment]
+    try:
+        assert s._sftp() is client  # the second request's answer
+        answers = iter([paramiko.SSHException("Channel closed.")] * 2)
+        with pytest.raises(SSHError, match="cannot open SFTP: Channel closed"):
+            s._sftp()
+    finally:
+        paramiko.SFTPClient.from_transport = real  # type: ignore[method-assign]
+
 
 def test_ctrl_c_waits_until_paramiko_is_done() -> None:
     # A signal whose handler unwinds (the lab's Ctrl-C, SIGTERM, SIGHUP) must not raise inside

@@ -283,14 +283,26 @@ static int finish(struct vm *vm, const char *name, struct expect *exp, int nexp,
 
 #define MAXEXP 20000
 
+/* A case's frame: a VM with L1 in it and the expectations of its L2 runs; then run, judge,
+ * report one TAP line, and destroy the VM. */
+#define BEGIN(name) struct vm vm; static struct expect exp[MAXEXP]; int n = 0; \
+    double t0 = now(); \
+    if (vm_create(kvm, &vm) < 0) return tap_result(name, 0, 0, 0, "", 0, "vm_create");
+#define END(name) int rc = finish(&vm, name, exp, n, t0); vm_destroy(&vm); return rc;
+
+/* L2 pages of its own (32-bit, PSE), V mapped to `target` (lab/guest/tools/baremetal.h). */
+static void l2_pages(struct vm *vm, uint64_t target)
+{
+    l2_paging(vm->mem, target);
+    put64(vm->mem + VMCB_CR0, 0x80000011);    /* PG PE ET */
+    put64(vm->mem + VMCB_CR3, L2_PGD);
+    put64(vm->mem + VMCB_CR4, 0x10);          /* PSE */
+}
+
 /* remap: repoint X's leaf at another page between VMRUNs, with a given invalidation. */
 static int case_remap(int kvm, const char *name, int tlb_ctl, int new_asid, int decoy)
 {
-    struct vm vm;
-    static struct expect exp[MAXEXP];
-    int n = 0;
-    double t0 = now();
-    if (vm_create(kvm, &vm) < 0) { tap_result(name, 0, 0, 0, "", 0, "vm_create"); return 1; }
+    BEGIN(name)
     for (long i = 0; i < iterations && n < MAXEXP; i++) {
         int p = i % 4;
         if (decoy)  /* two writes to the leaf between VMRUNs */
@@ -300,19 +312,13 @@ static int case_remap(int kvm, const char *name, int tlb_ctl, int new_asid, int 
         vmrun(&vm, L2_READ, tlb_ctl, new_asid ? 1 + (int)(i % (nasid - 1)) : 1);
         exp[n++] = (struct expect){ EXIT_HLT, pattern[p], 0 };
     }
-    int rc = finish(&vm, name, exp, n, t0);
-    vm_destroy(&vm);
-    return rc;
+    END(name)
 }
 
 /* write-protect: even iterations make the leaf read-only, and L2's write must #NPF. */
 static int case_write_protect(int kvm, const char *name)
 {
-    struct vm vm;
-    static struct expect exp[MAXEXP];
-    int n = 0;
-    double t0 = now();
-    if (vm_create(kvm, &vm) < 0) { tap_result(name, 0, 0, 0, "", 0, "vm_create"); return 1; }
+    BEGIN(name)
     for (long i = 0; i < iterations && n < MAXEXP; i++) {
         int ro = (i % 2) == 0;
         store(&vm, NPT_LEAF(NPT_A), leaf(0, ro ? 0 : PTE_RW));
@@ -320,19 +326,13 @@ static int case_write_protect(int kvm, const char *name)
         exp[n++] = ro ? (struct expect){ EXIT_NPF, 0, X_GPA + 8 }
                       : (struct expect){ EXIT_HLT, pattern[0], 0 };
     }
-    int rc = finish(&vm, name, exp, n, t0);
-    vm_destroy(&vm);
-    return rc;
+    END(name)
 }
 
 /* unmap: even iterations clear the leaf; L2's read must #NPF. Odd ones map another page. */
 static int case_unmap(int kvm, const char *name)
 {
-    struct vm vm;
-    static struct expect exp[MAXEXP];
-    int n = 0;
-    double t0 = now();
-    if (vm_create(kvm, &vm) < 0) { tap_result(name, 0, 0, 0, "", 0, "vm_create"); return 1; }
+    BEGIN(name)
     for (long i = 0; i < iterations && n < MAXEXP; i++) {
         int p = (i / 2) % 4;
         if (i % 2 == 0) {
@@ -345,20 +345,14 @@ static int case_unmap(int kvm, const char *name)
             exp[n++] = (struct expect){ EXIT_HLT, pattern[p], 0 };
         }
     }
-    int rc = finish(&vm, name, exp, n, t0);
-    vm_destroy(&vm);
-    return rc;
+    END(name)
 }
 
 /* cached-root: alternate nCR3 between two NPT roots, so that L0 keeps the inactive one among
  * guest_mmu's previous roots; change the tables behind the inactive root, switch to it. */
 static int case_cached_root(int kvm, const char *name)
 {
-    struct vm vm;
-    static struct expect exp[MAXEXP];
-    int n = 0;
-    double t0 = now();
-    if (vm_create(kvm, &vm) < 0) { tap_result(name, 0, 0, 0, "", 0, "vm_create"); return 1; }
+    BEGIN(name)
     int cur_a = 0, cur_b = 1;   /* the pages each root maps X to */
     vmrun(&vm, L2_READ, 1, 1);  /* root A, then B: both now known to L0 */
     exp[n++] = (struct expect){ EXIT_HLT, pattern[cur_a], 0 };
@@ -379,9 +373,7 @@ static int case_cached_root(int kvm, const char *name)
         vmrun(&vm, L2_READ, 1, 1);
         exp[n++] = (struct expect){ EXIT_HLT, pattern[cur_b], 0 };
     }
-    int rc = finish(&vm, name, exp, n, t0);
-    vm_destroy(&vm);
-    return rc;
+    END(name)
 }
 
 /* cached-root-deep: four nCR3s in rotation, more than the three previous roots KVM keeps,
@@ -389,12 +381,9 @@ static int case_cached_root(int kvm, const char *name)
  * L1 is about to switch to (the one used longest ago), flushes, switches. */
 static int case_cached_root_deep(int kvm, const char *name)
 {
-    struct vm vm;
-    static struct expect exp[MAXEXP];
     static const uint64_t roots[4] = { NPT_A, NPT_B, NPT_C, NPT_D };
-    int cur[4] = { 0, 1, 2, 3 }, n = 0;
-    double t0 = now();
-    if (vm_create(kvm, &vm) < 0) { tap_result(name, 0, 0, 0, "", 0, "vm_create"); return 1; }
+    int cur[4] = { 0, 1, 2, 3 };
+    BEGIN(name)
     for (int r = 0; r < 4; r++) {              /* visit each root once: all known to L0 */
         store(&vm, VMCB + VMCB_NCR3, roots[r]);
         vmrun(&vm, L2_READ, 1, 1);
@@ -408,20 +397,14 @@ static int case_cached_root_deep(int kvm, const char *name)
         vmrun(&vm, L2_READ, 1, 1);
         exp[n++] = (struct expect){ EXIT_HLT, pattern[cur[r]], 0 };
     }
-    int rc = finish(&vm, name, exp, n, t0);
-    vm_destroy(&vm);
-    return rc;
+    END(name)
 }
 
 /* large-page: split and merge. L2's first 2M alternates between a 2M NPT leaf (X reads L1's
  * own X page: LARGE_PATTERN) and the 4K table (X reads data page p). */
 static int case_large_page(int kvm, const char *name)
 {
-    struct vm vm;
-    static struct expect exp[MAXEXP];
-    int n = 0;
-    double t0 = now();
-    if (vm_create(kvm, &vm) < 0) { tap_result(name, 0, 0, 0, "", 0, "vm_create"); return 1; }
+    BEGIN(name)
     for (long i = 0; i < iterations && n < MAXEXP; i++) {
         int p = (int)(i / 2) % 4;
         if (i % 2 == 0) {
@@ -433,9 +416,7 @@ static int case_large_page(int kvm, const char *name)
         vmrun(&vm, L2_READ, 1, 1);
         exp[n++] = (struct expect){ EXIT_HLT, i % 2 == 0 ? LARGE_PATTERN : pattern[p], 0 };
     }
-    int rc = finish(&vm, name, exp, n, t0);
-    vm_destroy(&vm);
-    return rc;
+    END(name)
 }
 
 /* repoint-table: the directory entry for L2's first 2M alternates between root A's leaf table
@@ -443,11 +424,7 @@ static int case_large_page(int kvm, const char *name)
  * L0 must not reuse what it shadowed from that page last time. */
 static int case_repoint_table(int kvm, const char *name)
 {
-    struct vm vm;
-    static struct expect exp[MAXEXP];
-    int n = 0;
-    double t0 = now();
-    if (vm_create(kvm, &vm) < 0) { tap_result(name, 0, 0, 0, "", 0, "vm_create"); return 1; }
+    BEGIN(name)
     memcpy(vm.mem + ALT_PT, vm.mem + NPT_A + 0x3000, 0x1000);
     for (long i = 0; i < iterations && n < MAXEXP; i++) {
         int p = (int)(i % 4);
@@ -457,9 +434,7 @@ static int case_repoint_table(int kvm, const char *name)
         vmrun(&vm, L2_READ, 1, 1);
         exp[n++] = (struct expect){ EXIT_HLT, pattern[p], 0 };
     }
-    int rc = finish(&vm, name, exp, n, t0);
-    vm_destroy(&vm);
-    return rc;
+    END(name)
 }
 
 /* l2-paging: L2 pages (32-bit, PSE) over the NPT and reads V. Even runs: L2's PTE maps V to
@@ -467,15 +442,8 @@ static int case_repoint_table(int kvm, const char *name)
  * dimensions change under a flush of the whole TLB. */
 static int case_l2_paging(int kvm, const char *name)
 {
-    struct vm vm;
-    static struct expect exp[MAXEXP];
-    int n = 0;
-    double t0 = now();
-    if (vm_create(kvm, &vm) < 0) { tap_result(name, 0, 0, 0, "", 0, "vm_create"); return 1; }
-    l2_paging(vm.mem, X_GPA);
-    put64(vm.mem + VMCB_CR0, 0x80000011);     /* PG PE ET */
-    put64(vm.mem + VMCB_CR3, L2_PGD);
-    put64(vm.mem + VMCB_CR4, 0x10);           /* PSE */
+    BEGIN(name)
+    l2_pages(&vm, X_GPA);
     for (long i = 0; i < iterations && n < MAXEXP; i++) {
         int p = (int)(i / 2) % 4, q = (p + 2) % 4;
         if (i % 2 == 0) {
@@ -487,9 +455,7 @@ static int case_l2_paging(int kvm, const char *name)
         vmrun(&vm, L2_READV, 1, 1);
         exp[n++] = (struct expect){ EXIT_HLT, pattern[i % 2 == 0 ? p : q], 0 };
     }
-    int rc = finish(&vm, name, exp, n, t0);
-    vm_destroy(&vm);
-    return rc;
+    END(name)
 }
 
 /* invlpga: nested paging off, L1 shadows nothing itself: L2's own page tables are walked in
@@ -497,16 +463,9 @@ static int case_l2_paging(int kvm, const char *name)
  * L2's ASID, then runs L2 with TLB_CONTROL 0 (no flush): the INVLPGA alone must be enough. */
 static int case_invlpga(int kvm, const char *name)
 {
-    struct vm vm;
-    static struct expect exp[MAXEXP];
-    int n = 0;
-    double t0 = now();
-    if (vm_create(kvm, &vm) < 0) { tap_result(name, 0, 0, 0, "", 0, "vm_create"); return 1; }
-    l2_paging(vm.mem, page(0));
+    BEGIN(name)
+    l2_pages(&vm, page(0));
     put64(vm.mem + VMCB + VMCB_NP_ENABLE, 0);
-    put64(vm.mem + VMCB_CR0, 0x80000011);
-    put64(vm.mem + VMCB_CR3, L2_PGD);
-    put64(vm.mem + VMCB_CR4, 0x10);
     vmrun(&vm, L2_READV, 1, 1);                 /* V is in L2's TLB now */
     exp[n++] = (struct expect){ EXIT_HLT, pattern[0], 0 };
     for (long i = 0; i < iterations && n < MAXEXP; i++) {
@@ -516,9 +475,7 @@ static int case_invlpga(int kvm, const char *name)
         vmrun(&vm, L2_READV, 0, 1);
         exp[n++] = (struct expect){ EXIT_HLT, pattern[p], 0 };
     }
-    int rc = finish(&vm, name, exp, n, t0);
-    vm_destroy(&vm);
-    return rc;
+    END(name)
 }
 
 /* two-vcpus: L1 has two vCPUs on one NPT root. In turns: vCPU 0 repoints X's leaf and hands
@@ -527,11 +484,9 @@ static int case_invlpga(int kvm, const char *name)
  * vCPU ran must reach the other's guest_mmu. */
 static int case_two_vcpus(int kvm, const char *name)
 {
-    struct vm vm;
-    static struct expect exp[MAXEXP], exp1[MAXEXP];
-    int n = 0, n1 = 0;
-    double t0 = now();
-    if (vm_create(kvm, &vm) < 0) { tap_result(name, 0, 0, 0, "", 0, "vm_create"); return 1; }
+    static struct expect exp1[MAXEXP];
+    int n1 = 0;
+    BEGIN(name)
     memcpy(vm.mem + CPU1_PAGE_B, vm.mem + VMCB, 0x1000);      /* vCPU 1's VMCB: the same L2 */
     if (l1_cpu(kvm, &vm, 1, 0xc0010117, CPU1_PAGE_A, 0x20, 0x1500, CPU1_PAGE_B) < 0) {
         vm_destroy(&vm);

@@ -10,7 +10,8 @@
  * Beyond the seed's two EPTPs: four EPTPs in rotation (more than the three roots KVM caches),
  * a 2M leaf split and merged, a non-leaf entry repointed at a table page rewritten while out
  * of the tree, L2 paging of its own over the EPT, and INVVPID (individual-address,
- * single-context, all-context) for an L2 that pages with VPID on and EPT off.
+ * single-context, all-context) for an L2 that pages with VPID on and EPT off, EPT A/D bits
+ * set again after an INVEPT, and an L1 with two vCPUs taking turns on one EPTP.
  *
  * The VMCS control values are computed here from the VMX capability MSRs that L0's KVM reports
  * for the vCPU, so that L1 only has to vmwrite a table.
@@ -58,7 +59,9 @@
 #define EXIT_HLT 12
 #define EXIT_EPT_VIOLATION 48
 
-enum { OP_ENTER = 2, OP_INVEPT = 3, OP_VMWRITE = 4, OP_INVVPID = 5 };
+enum { OP_ENTER = 2, OP_INVEPT = 3, OP_VMWRITE = 4, OP_INVVPID = 5,
+       OP_LOAD = 7 };       /* record the qword at a as a result (exit LOADED, value in rax) */
+#define LOADED 0x10000      /* not a VM exit reason: what OP_LOAD records as `exit` */
 
 /* L1: VMXON, VMCLEAR/VMPTRLD, vmwrite the table, then interpret its script (r13), recording
  * into its results (r14); its VMXON/VMCS pointers, descriptors and saved registers are at r15
@@ -114,7 +117,17 @@ __asm__(".pushsection .rodata\n"
         "  invvpid 0x110(%r15), %rdx\n"
         "  jbe 96f\n"
         "  jmp 8f\n"
-        "51: cmp $9, %rax\n"              /* WAIT until [a] == b (or the VMM gives up) */
+        "51: cmp $7, %rax\n"              /* LOAD: [a] into the results */
+        "  jne 54f\n"
+        "  mov 8(%rsi), %rdx\n"
+        "  mov (%rdx), %rax\n"
+        "  movq $0x10000, (%rdi)\n"
+        "  mov %rax, 8(%rdi)\n"
+        "  movq $0, 16(%rdi)\n"
+        "  mov %rdx, 24(%rdi)\n"
+        "  add $32, %rdi\n"
+        "  jmp 8f\n"
+        "54: cmp $9, %rax\n"              /* WAIT until [a] == b (or the VMM gives up) */
         "  jne 52f\n"
         "  mov 8(%rsi), %rdx\n"
         "  mov 16(%rsi), %rcx\n"
@@ -345,7 +358,12 @@ static int vm_go(struct vm *vm, char *err, size_t errlen)
     return 0;
 }
 
-struct expect { uint64_t reason; uint32_t value; uint64_t gpa; };
+/* One L2 run (exit reason, what L2 read, the faulting GPA), or with reason LOADED a qword L1
+ * read, which must have every bit of `set_bits`. */
+struct expect { uint64_t reason; uint32_t value; uint64_t gpa; uint64_t set_bits; };
+#define READS(v) ((struct expect){ .reason = EXIT_HLT, .value = (v) })
+#define FAULTS(g) ((struct expect){ .reason = EXIT_EPT_VIOLATION, .gpa = (g) })
+#define LOADS_BITS(b) ((struct expect){ .reason = LOADED, .set_bits = (b) })
 
 /* Compare one vCPU's L2 runs with expect[]: how many differ, the first, what L2 saw there. */
 static int judge(struct result *r, struct expect *exp, int n, long *first, char *what,
@@ -355,6 +373,17 @@ static int judge(struct result *r, struct expect *exp, int n, long *first, char 
     for (int i = 0; i < n; i++) {
         uint32_t eax = (uint32_t)r[i].rax, ebx = (uint32_t)r[i].rbx;
         uint64_t reason = r[i].exit & 0xffff;
+        if (exp[i].reason == LOADED) {
+            if (r[i].exit == LOADED && (r[i].rax & exp[i].set_bits) == exp[i].set_bits)
+                continue;
+            if (!bad++) {
+                *first = i;
+                snprintf(what, wlen, "L1 read %#llx at %#llx, expected bits %#llx set",
+                         (unsigned long long)r[i].rax, (unsigned long long)r[i].addr,
+                         (unsigned long long)exp[i].set_bits);
+            }
+            continue;
+        }
         int ok = reason == exp[i].reason && !(r[i].exit & (1ull << 31));
         if (ok && exp[i].reason == EXIT_HLT) ok = eax == exp[i].value && ebx == exp[i].value;
         if (ok && exp[i].reason == EXIT_EPT_VIOLATION) ok = r[i].addr == exp[i].gpa;
@@ -415,7 +444,7 @@ static int case_remap(const char *name, int type, int decoy)
         store(&vm, EPT_LEAF(EPT_A), leaf(p, EPT_RWX));
         invept(&vm, type, EPTP(EPT_A));
         enter(&vm, L2_READ);
-        exp[n++] = (struct expect){ EXIT_HLT, pattern[p], 0 };
+        exp[n++] = READS(pattern[p]);
     }
     END(name)
 }
@@ -428,8 +457,8 @@ static int case_write_protect(const char *name)
         store(&vm, EPT_LEAF(EPT_A), leaf(0, ro ? 5 : EPT_RWX));   /* R+X, no W */
         invept(&vm, INVEPT_SINGLE, EPTP(EPT_A));
         enter(&vm, L2_WRITE);
-        exp[n++] = ro ? (struct expect){ EXIT_EPT_VIOLATION, 0, X_GPA + 8 }
-                      : (struct expect){ EXIT_HLT, pattern[0], 0 };
+        exp[n++] = ro ? FAULTS(X_GPA + 8)
+                      : READS(pattern[0]);
     }
     END(name)
 }
@@ -442,8 +471,8 @@ static int case_unmap(const char *name)
         store(&vm, EPT_LEAF(EPT_A), i % 2 == 0 ? 0 : leaf(p, EPT_RWX));
         invept(&vm, INVEPT_SINGLE, EPTP(EPT_A));
         enter(&vm, L2_READ);
-        exp[n++] = i % 2 == 0 ? (struct expect){ EXIT_EPT_VIOLATION, 0, X_GPA }
-                              : (struct expect){ EXIT_HLT, pattern[p], 0 };
+        exp[n++] = i % 2 == 0 ? FAULTS(X_GPA)
+                              : READS(pattern[p]);
     }
     END(name)
 }
@@ -455,23 +484,23 @@ static int case_cached_root(const char *name, int type)
     BEGIN(name)
     int cur_a = 0, cur_b = 1;
     enter(&vm, L2_READ);
-    exp[n++] = (struct expect){ EXIT_HLT, pattern[cur_a], 0 };
+    exp[n++] = READS(pattern[cur_a]);
     set_eptp(&vm, EPT_B);
     enter(&vm, L2_READ);
-    exp[n++] = (struct expect){ EXIT_HLT, pattern[cur_b], 0 };
+    exp[n++] = READS(pattern[cur_b]);
     for (long i = 0; i < iterations && n + 2 < MAXEXP; i++) {
         cur_a = (cur_a + 1) % 4;                       /* running on B: change A */
         store(&vm, EPT_LEAF(EPT_A), leaf(cur_a, EPT_RWX));
         invept(&vm, type, EPTP(EPT_A));
         set_eptp(&vm, EPT_A);
         enter(&vm, L2_READ);
-        exp[n++] = (struct expect){ EXIT_HLT, pattern[cur_a], 0 };
+        exp[n++] = READS(pattern[cur_a]);
         cur_b = (cur_b + 1) % 4;                       /* running on A: change B */
         store(&vm, EPT_LEAF(EPT_B), leaf(cur_b, EPT_RWX));
         invept(&vm, type, EPTP(EPT_B));
         set_eptp(&vm, EPT_B);
         enter(&vm, L2_READ);
-        exp[n++] = (struct expect){ EXIT_HLT, pattern[cur_b], 0 };
+        exp[n++] = READS(pattern[cur_b]);
     }
     END(name)
 }
@@ -485,17 +514,17 @@ static int case_global_cached_root(const char *name)
     int cur_a = 0;
     BEGIN(name)
     enter(&vm, L2_READ);
-    exp[n++] = (struct expect){ EXIT_HLT, pattern[cur_a], 0 };
+    exp[n++] = READS(pattern[cur_a]);
     for (long i = 0; i < iterations && n + 2 < MAXEXP; i++) {
         set_eptp(&vm, EPT_B);
         enter(&vm, L2_READ);
-        exp[n++] = (struct expect){ EXIT_HLT, pattern[1], 0 };
+        exp[n++] = READS(pattern[1]);
         cur_a = (cur_a + 1) % 4;
         store(&vm, EPT_LEAF(EPT_A), leaf(cur_a, EPT_RWX));
         invept(&vm, INVEPT_GLOBAL, EPTP(EPT_B));
         set_eptp(&vm, EPT_A);
         enter(&vm, L2_READ);
-        exp[n++] = (struct expect){ EXIT_HLT, pattern[cur_a], 0 };
+        exp[n++] = READS(pattern[cur_a]);
     }
     END(name)
 }
@@ -511,7 +540,7 @@ static int case_cached_root_deep(const char *name)
     for (int r = 0; r < 4; r++) {              /* visit each EPTP once: all known to L0 */
         set_eptp(&vm, roots[r]);
         enter(&vm, L2_READ);
-        exp[n++] = (struct expect){ EXIT_HLT, pattern[cur[r]], 0 };
+        exp[n++] = READS(pattern[cur[r]]);
     }
     for (long i = 0; i < iterations && n < MAXEXP; i++) {
         int r = (int)(i % 4);
@@ -520,7 +549,7 @@ static int case_cached_root_deep(const char *name)
         invept(&vm, INVEPT_SINGLE, EPTP(roots[r]));
         set_eptp(&vm, roots[r]);
         enter(&vm, L2_READ);
-        exp[n++] = (struct expect){ EXIT_HLT, pattern[cur[r]], 0 };
+        exp[n++] = READS(pattern[cur[r]]);
     }
     END(name)
 }
@@ -540,7 +569,7 @@ static int case_large_page(const char *name)
         }
         invept(&vm, INVEPT_SINGLE, EPTP(EPT_A));
         enter(&vm, L2_READ);
-        exp[n++] = (struct expect){ EXIT_HLT, i % 2 == 0 ? LARGE_PATTERN : pattern[p], 0 };
+        exp[n++] = READS(i % 2 == 0 ? LARGE_PATTERN : pattern[p]);
     }
     END(name)
 }
@@ -558,7 +587,7 @@ static int case_repoint_table(const char *name)
         store(&vm, EPT_A + 0x2000, table | EPT_RWX);
         invept(&vm, INVEPT_SINGLE, EPTP(EPT_A));
         enter(&vm, L2_READ);
-        exp[n++] = (struct expect){ EXIT_HLT, pattern[p], 0 };
+        exp[n++] = READS(pattern[p]);
     }
     END(name)
 }
@@ -590,7 +619,7 @@ static int case_l2_paging(const char *name)
         }
         invept(&vm, INVEPT_SINGLE, EPTP(EPT_A));
         enter(&vm, L2_READV);
-        exp[n++] = (struct expect){ EXIT_HLT, pattern[i % 2 == 0 ? p : q], 0 };
+        exp[n++] = READS(pattern[i % 2 == 0 ? p : q]);
     }
     END(name)
 }
@@ -606,13 +635,13 @@ static int case_invvpid(const char *name, int type)
     table(&vm, 0x0000, 1);                     /* VIRTUAL_PROCESSOR_ID */
     l2_pages(&vm, page(0));
     enter(&vm, L2_READV);
-    exp[n++] = (struct expect){ EXIT_HLT, pattern[0], 0 };
+    exp[n++] = READS(pattern[0]);
     for (long i = 0; i < iterations && n < MAXEXP; i++) {
         int p = (int)((i + 1) % 4);
         store(&vm, L2_PTE, page(p) | 7);
         if (!omit_invept) op(&vm, OP_INVVPID, type, 1, V_GVA);   /* -x: left out too */
         enter(&vm, L2_READV);
-        exp[n++] = (struct expect){ EXIT_HLT, pattern[p], 0 };
+        exp[n++] = READS(pattern[p]);
     }
     END(name)
 }
@@ -637,9 +666,9 @@ static int case_two_vcpus(const char *name)
         return tap_result(name, 0, 0, 0, "", 0, "a second vCPU");
     }
     enter(&vm, L2_READ);                                    /* both vCPUs have a root */
-    exp[n++] = (struct expect){ EXIT_HLT, pattern[0], 0 };
+    exp[n++] = READS(pattern[0]);
     op_on(&vm, 1, OP_ENTER, L2_READ, 0, 0);
-    exp1[n1++] = (struct expect){ EXIT_HLT, pattern[0], 0 };
+    exp1[n1++] = READS(pattern[0]);
     op_on(&vm, 1, OP_STORE, SYNC_ACK, 1, 0);
     op(&vm, OP_WAIT, SYNC_ACK, 1, 0);
     for (long i = 1; i <= iterations && n1 < MAXEXP; i++) {
@@ -649,16 +678,37 @@ static int case_two_vcpus(const char *name)
         store(&vm, SYNC_GEN, (uint64_t)i + 1);
         op(&vm, OP_WAIT, SYNC_ACK, (uint64_t)i + 1, 0);
         enter(&vm, L2_READ);
-        exp[n++] = (struct expect){ EXIT_HLT, pattern[p], 0 };
+        exp[n++] = READS(pattern[p]);
         op_on(&vm, 1, OP_WAIT, SYNC_GEN, (uint64_t)i + 1, 0);
         if (!omit_invept) op_on(&vm, 1, OP_INVEPT, INVEPT_SINGLE, EPTP(EPT_A), 0);
         op_on(&vm, 1, OP_ENTER, L2_READ, 0, 0);
-        exp1[n1++] = (struct expect){ EXIT_HLT, pattern[p], 0 };
+        exp1[n1++] = READS(pattern[p]);
         op_on(&vm, 1, OP_STORE, SYNC_ACK, (uint64_t)i + 1, 0);
     }
     int rc = finish2(&vm, name, exp, n, exp1, n1, t0);
     vm_destroy(&vm);
     return rc;
+}
+
+/* ept-dirty-bit: EPT A/D on. L1 rewrites X's leaf with A and D clear and INVEPTs; L2 reads
+ * and writes X's page; L1 reads the leaf back: the CPU (here L0's KVM, which shadows L1's EPT
+ * and sets L1's A/D bits as it walks it) must have set A and D again. A shadow entry L0 kept
+ * from before lets L2 write without a walk, and the bits stay clear. */
+static int case_ept_dirty_bit(const char *name)
+{
+    BEGIN(name)
+    uint64_t eptp = EPTP(EPT_A) | (1ull << 6);            /* accessed and dirty flags */
+    table(&vm, 0x201a, eptp);
+    for (long i = 0; i < iterations && n + 1 < MAXEXP; i++) {
+        int p = (int)(i % 4);
+        store(&vm, EPT_LEAF(EPT_A), leaf(p, EPT_RWX));      /* A (bit 8), D (bit 9) clear */
+        invept(&vm, INVEPT_SINGLE, eptp);
+        enter(&vm, L2_WRITE);
+        exp[n++] = READS(pattern[p]);
+        op(&vm, OP_LOAD, EPT_LEAF(EPT_A), 0, 0);
+        exp[n++] = LOADS_BITS((1ull << 8) | (1ull << 9));
+    }
+    END(name)
 }
 
 static int remap_single(const char *n) { return case_remap(n, INVEPT_SINGLE, 0); }
@@ -677,6 +727,7 @@ struct tcase { const char *name; int (*fn)(const char *); int needs; };
 #define NEEDS_INVVPID_ADDR 4           /* INVVPID types 0..2: bits 40..42 of IA32_VMX_EPT_VPID_CAP */
 #define NEEDS_INVVPID_SINGLE 5
 #define NEEDS_INVVPID_ALL 6
+#define NEEDS_AD 7                     /* EPT accessed/dirty flags: bit 21 of the same MSR */
 static const struct tcase cases[] = {
     { "vmx/remap-invept-single", remap_single, NEEDS_SINGLE },
     { "vmx/remap-invept-global", remap_global, NEEDS_GLOBAL },
@@ -694,6 +745,7 @@ static const struct tcase cases[] = {
     { "vmx/invvpid-single", invvpid_single, NEEDS_INVVPID_SINGLE },
     { "vmx/invvpid-all", invvpid_all, NEEDS_INVVPID_ALL },
     { "vmx/two-vcpus", case_two_vcpus, NEEDS_SINGLE },
+    { "vmx/ept-dirty-bit", case_ept_dirty_bit, NEEDS_AD },
 };
 #define NCASES (int)(sizeof(cases) / sizeof(cases[0]))
 
@@ -756,6 +808,11 @@ static const char *skip_case(int c)
         return "L0 offers no INVEPT single-context";
     if (cases[c].needs == NEEDS_2M && (!single || !((caps.ept_vpid >> 16) & 1)))
         return "L0 offers no 2M EPT pages (or no INVEPT single-context)";
+    if (cases[c].needs == NEEDS_AD) {
+        if (!single)
+            return "L0 offers no INVEPT single-context";
+        return (caps.ept_vpid >> 21) & 1 ? NULL : "L0 offers L1 no EPT accessed/dirty flags";
+    }
     if (cases[c].needs >= NEEDS_INVVPID_ADDR) {
         if (!((caps.proc2 >> 32) & (1u << 5)))
             return "L0 offers L1 no VPID";
