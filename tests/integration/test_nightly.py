@@ -102,9 +102,9 @@ def test_invept_vmx_runs_the_vmx_suites_under_bochs(
             "vmx/cached-root-single", "vmx/cached-root-global", "vmx/global-cached-root",
             "vmx/cached-root-deep", "vmx/large-page", "vmx/repoint-table", "vmx/l2-paging",
             "vmx/invvpid-address", "vmx/invvpid-single", "vmx/invvpid-all",
-            "vmx/two-vcpus"} <= set(ept), ept
-    # Bochs offers every feature these need (2M EPT pages, VPID and the INVVPID types): none
-    # may skip here, and none may fail on a clean L0.
+            "vmx/two-vcpus", "vmx/ept-dirty-bit"} <= set(ept), ept
+    # Bochs offers every feature these need (2M EPT pages, VPID and the INVVPID types, EPT
+    # A/D bits): none may skip here, and none may fail on a clean L0.
     assert set(ept.values()) == {"passed"}, ept
     # The negative control printed how many cases failed without INVEPT: at least one.
     control = steps["the EPT suite fails without its INVEPTs (negative control)"]

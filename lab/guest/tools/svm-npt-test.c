@@ -68,7 +68,9 @@
 #define EXIT_NPF 0x400
 
 enum { OP_VMRUN = 2,                             /* VMRUN: rip a, tlb_ctl b, asid c */
-       OP_INVLPGA = 3 };                         /* INVLPGA: address a, ASID b */
+       OP_INVLPGA = 3,                           /* INVLPGA: address a, ASID b */
+       OP_LOAD = 7 };       /* record the qword at a as a result (exit LOADED, value in rax) */
+#define LOADED 0x10000      /* not a #VMEXIT code: what OP_LOAD records as `exit` */
 
 /* L1: interprets its script (r13); results of each VMRUN go to its results (r14); its VMCB is
  * at r15. GPRs other than rax/rsp survive VMRUN/#VMEXIT, so L2's rbx is still in rbx
@@ -93,7 +95,17 @@ __asm__(".pushsection .rodata\n"
         "  mov 16(%rsi), %rcx\n"
         "  invlpga %rax, %ecx\n"
         "  jmp 8f\n"
-        "4: cmp $9, %rax\n"             /* WAIT until [a] == b (or the VMM gives up) */
+        "4: cmp $7, %rax\n"             /* LOAD: [a] into the results */
+        "  jne 6f\n"
+        "  mov 8(%rsi), %rdx\n"
+        "  mov (%rdx), %rax\n"
+        "  movq $0x10000, (%rdi)\n"
+        "  mov %rax, 8(%rdi)\n"
+        "  movq $0, 16(%rdi)\n"
+        "  mov %rdx, 24(%rdi)\n"
+        "  add $32, %rdi\n"
+        "  jmp 8f\n"
+        "6: cmp $9, %rax\n"             /* WAIT until [a] == b (or the VMM gives up) */
         "  jne 2f\n"
         "  mov 8(%rsi), %rdx\n"
         "  mov 16(%rsi), %rcx\n"
@@ -222,7 +234,10 @@ static int vm_create(int kvm, struct vm *vm)
 }
 
 /* What one VMRUN should give; filled by each case, checked by check(). */
-struct expect { uint64_t exit_code; uint32_t value; uint64_t info2; };
+struct expect { uint64_t exit_code; uint32_t value; uint64_t info2; uint64_t set_bits; };
+#define READS(v) ((struct expect){ .exit_code = EXIT_HLT, .value = (v) })
+#define FAULTS(a) ((struct expect){ .exit_code = EXIT_NPF, .info2 = (a) })
+#define LOADS_BITS(b) ((struct expect){ .exit_code = LOADED, .set_bits = (b) })
 
 static long iterations = 50;
 
@@ -234,6 +249,17 @@ static int judge(struct result *r, struct expect *exp, int nexp, long *first, ch
     int bad = 0;
     for (int i = 0; i < nexp; i++) {
         uint32_t eax = (uint32_t)r[i].rax, ebx = (uint32_t)r[i].rbx;
+        if (exp[i].exit_code == LOADED) {
+            if (r[i].exit == LOADED && (r[i].rax & exp[i].set_bits) == exp[i].set_bits)
+                continue;
+            if (!bad++) {
+                *first = i;
+                snprintf(what, wlen, "L1 read %#llx at %#llx, expected bits %#llx set",
+                         (unsigned long long)r[i].rax, (unsigned long long)r[i].addr,
+                         (unsigned long long)exp[i].set_bits);
+            }
+            continue;
+        }
         int ok = r[i].exit == exp[i].exit_code;
         if (ok && exp[i].exit_code == EXIT_HLT)
             ok = eax == exp[i].value && ebx == exp[i].value;
@@ -310,7 +336,7 @@ static int case_remap(int kvm, const char *name, int tlb_ctl, int new_asid, int 
         store(&vm, NPT_LEAF(NPT_A), leaf(p, PTE_RW));
         /* a new ASID each run, from the nasid - 1 that L1 was given (0 is the host's) */
         vmrun(&vm, L2_READ, tlb_ctl, new_asid ? 1 + (int)(i % (nasid - 1)) : 1);
-        exp[n++] = (struct expect){ EXIT_HLT, pattern[p], 0 };
+        exp[n++] = READS(pattern[p]);
     }
     END(name)
 }
@@ -323,8 +349,8 @@ static int case_write_protect(int kvm, const char *name)
         int ro = (i % 2) == 0;
         store(&vm, NPT_LEAF(NPT_A), leaf(0, ro ? 0 : PTE_RW));
         vmrun(&vm, L2_WRITE, 1, 1);
-        exp[n++] = ro ? (struct expect){ EXIT_NPF, 0, X_GPA + 8 }
-                      : (struct expect){ EXIT_HLT, pattern[0], 0 };
+        exp[n++] = ro ? FAULTS(X_GPA + 8)
+                      : READS(pattern[0]);
     }
     END(name)
 }
@@ -338,11 +364,11 @@ static int case_unmap(int kvm, const char *name)
         if (i % 2 == 0) {
             store(&vm, NPT_LEAF(NPT_A), 0);
             vmrun(&vm, L2_READ, 1, 1);
-            exp[n++] = (struct expect){ EXIT_NPF, 0, X_GPA };
+            exp[n++] = FAULTS(X_GPA);
         } else {
             store(&vm, NPT_LEAF(NPT_A), leaf(p, PTE_RW));
             vmrun(&vm, L2_READ, 1, 1);
-            exp[n++] = (struct expect){ EXIT_HLT, pattern[p], 0 };
+            exp[n++] = READS(pattern[p]);
         }
     }
     END(name)
@@ -355,23 +381,23 @@ static int case_cached_root(int kvm, const char *name)
     BEGIN(name)
     int cur_a = 0, cur_b = 1;   /* the pages each root maps X to */
     vmrun(&vm, L2_READ, 1, 1);  /* root A, then B: both now known to L0 */
-    exp[n++] = (struct expect){ EXIT_HLT, pattern[cur_a], 0 };
+    exp[n++] = READS(pattern[cur_a]);
     store(&vm, VMCB + VMCB_NCR3, NPT_B);
     vmrun(&vm, L2_READ, 1, 1);
-    exp[n++] = (struct expect){ EXIT_HLT, pattern[cur_b], 0 };
+    exp[n++] = READS(pattern[cur_b]);
     for (long i = 0; i < iterations && n + 2 < MAXEXP; i++) {
         /* running on B: change A's leaf, then switch to A */
         cur_a = (cur_a + 1) % 4;
         store(&vm, NPT_LEAF(NPT_A), leaf(cur_a, PTE_RW));
         store(&vm, VMCB + VMCB_NCR3, NPT_A);
         vmrun(&vm, L2_READ, 1, 1);
-        exp[n++] = (struct expect){ EXIT_HLT, pattern[cur_a], 0 };
+        exp[n++] = READS(pattern[cur_a]);
         /* running on A: change B's leaf, then switch to B */
         cur_b = (cur_b + 1) % 4;
         store(&vm, NPT_LEAF(NPT_B), leaf(cur_b, PTE_RW));
         store(&vm, VMCB + VMCB_NCR3, NPT_B);
         vmrun(&vm, L2_READ, 1, 1);
-        exp[n++] = (struct expect){ EXIT_HLT, pattern[cur_b], 0 };
+        exp[n++] = READS(pattern[cur_b]);
     }
     END(name)
 }
@@ -387,7 +413,7 @@ static int case_cached_root_deep(int kvm, const char *name)
     for (int r = 0; r < 4; r++) {              /* visit each root once: all known to L0 */
         store(&vm, VMCB + VMCB_NCR3, roots[r]);
         vmrun(&vm, L2_READ, 1, 1);
-        exp[n++] = (struct expect){ EXIT_HLT, pattern[cur[r]], 0 };
+        exp[n++] = READS(pattern[cur[r]]);
     }
     for (long i = 0; i < iterations && n < MAXEXP; i++) {
         int r = (int)(i % 4);
@@ -395,7 +421,7 @@ static int case_cached_root_deep(int kvm, const char *name)
         store(&vm, NPT_LEAF(roots[r]), leaf(cur[r], PTE_RW));
         store(&vm, VMCB + VMCB_NCR3, roots[r]);
         vmrun(&vm, L2_READ, 1, 1);
-        exp[n++] = (struct expect){ EXIT_HLT, pattern[cur[r]], 0 };
+        exp[n++] = READS(pattern[cur[r]]);
     }
     END(name)
 }
@@ -414,7 +440,7 @@ static int case_large_page(int kvm, const char *name)
             store(&vm, NPT_A + 0x2000, (NPT_A + 0x3000) | 7);   /* split: back to the table */
         }
         vmrun(&vm, L2_READ, 1, 1);
-        exp[n++] = (struct expect){ EXIT_HLT, i % 2 == 0 ? LARGE_PATTERN : pattern[p], 0 };
+        exp[n++] = READS(i % 2 == 0 ? LARGE_PATTERN : pattern[p]);
     }
     END(name)
 }
@@ -432,7 +458,7 @@ static int case_repoint_table(int kvm, const char *name)
         store(&vm, table + 16 * 8, leaf(p, PTE_RW));           /* rewritten while unlinked */
         store(&vm, NPT_A + 0x2000, table | 7);
         vmrun(&vm, L2_READ, 1, 1);
-        exp[n++] = (struct expect){ EXIT_HLT, pattern[p], 0 };
+        exp[n++] = READS(pattern[p]);
     }
     END(name)
 }
@@ -453,7 +479,7 @@ static int case_l2_paging(int kvm, const char *name)
             store(&vm, L2_PTE, page(q) | 7);
         }
         vmrun(&vm, L2_READV, 1, 1);
-        exp[n++] = (struct expect){ EXIT_HLT, pattern[i % 2 == 0 ? p : q], 0 };
+        exp[n++] = READS(pattern[i % 2 == 0 ? p : q]);
     }
     END(name)
 }
@@ -467,13 +493,13 @@ static int case_invlpga(int kvm, const char *name)
     l2_pages(&vm, page(0));
     put64(vm.mem + VMCB + VMCB_NP_ENABLE, 0);
     vmrun(&vm, L2_READV, 1, 1);                 /* V is in L2's TLB now */
-    exp[n++] = (struct expect){ EXIT_HLT, pattern[0], 0 };
+    exp[n++] = READS(pattern[0]);
     for (long i = 0; i < iterations && n < MAXEXP; i++) {
         int p = (int)((i + 1) % 4);
         store(&vm, L2_PTE, page(p) | 7);
         op(&vm, OP_INVLPGA, V_GVA, 1, 0);
         vmrun(&vm, L2_READV, 0, 1);
-        exp[n++] = (struct expect){ EXIT_HLT, pattern[p], 0 };
+        exp[n++] = READS(pattern[p]);
     }
     END(name)
 }
@@ -493,9 +519,9 @@ static int case_two_vcpus(int kvm, const char *name)
         return tap_result(name, 0, 0, 0, "", 0, "a second vCPU");
     }
     vmrun(&vm, L2_READ, 1, 1);                                /* both vCPUs have a root */
-    exp[n++] = (struct expect){ EXIT_HLT, pattern[0], 0 };
+    exp[n++] = READS(pattern[0]);
     op_on(&vm, 1, OP_VMRUN, L2_READ, 1, 1);
-    exp1[n1++] = (struct expect){ EXIT_HLT, pattern[0], 0 };
+    exp1[n1++] = READS(pattern[0]);
     op_on(&vm, 1, OP_STORE, SYNC_ACK, 1, 0);
     op(&vm, OP_WAIT, SYNC_ACK, 1, 0);
     for (long i = 1; i <= iterations && n1 < MAXEXP; i++) {
@@ -504,15 +530,32 @@ static int case_two_vcpus(int kvm, const char *name)
         store(&vm, SYNC_GEN, (uint64_t)i + 1);
         op(&vm, OP_WAIT, SYNC_ACK, (uint64_t)i + 1, 0);
         vmrun(&vm, L2_READ, 1, 1);
-        exp[n++] = (struct expect){ EXIT_HLT, pattern[p], 0 };
+        exp[n++] = READS(pattern[p]);
         op_on(&vm, 1, OP_WAIT, SYNC_GEN, (uint64_t)i + 1, 0);
         op_on(&vm, 1, OP_VMRUN, L2_READ, 1, 1);
-        exp1[n1++] = (struct expect){ EXIT_HLT, pattern[p], 0 };
+        exp1[n1++] = READS(pattern[p]);
         op_on(&vm, 1, OP_STORE, SYNC_ACK, (uint64_t)i + 1, 0);
     }
     int rc = finish2(&vm, name, exp, n, exp1, n1, t0);
     vm_destroy(&vm);
     return rc;
+}
+
+/* npt-dirty-bit: the CPU sets a nested page table entry's accessed and dirty flags as it
+ * walks the NPT (L0's KVM, shadowing it, sets L1's). L1 rewrites X's leaf with them clear and
+ * flushes; L2 reads and writes X's page; L1 reads the leaf back: both must be set again. */
+static int case_npt_dirty_bit(int kvm, const char *name)
+{
+    BEGIN(name)
+    for (long i = 0; i < iterations && n + 1 < MAXEXP; i++) {
+        int p = (int)(i % 4);
+        store(&vm, NPT_LEAF(NPT_A), leaf(p, PTE_RW));       /* A (bit 5), D (bit 6) clear */
+        vmrun(&vm, L2_WRITE, 1, 1);
+        exp[n++] = READS(pattern[p]);
+        op(&vm, OP_LOAD, NPT_LEAF(NPT_A), 0, 0);
+        exp[n++] = LOADS_BITS((1ull << 5) | (1ull << 6));
+    }
+    END(name)
 }
 
 struct tcase { const char *name; int (*fn)(int kvm, const char *name); int needs; };
@@ -540,6 +583,7 @@ static const struct tcase cases[] = {
     { "svm/l2-paging", case_l2_paging, 0 },
     { "svm/invlpga", case_invlpga, 0 },
     { "svm/two-vcpus", case_two_vcpus, 0 },
+    { "svm/npt-dirty-bit", case_npt_dirty_bit, 0 },
 };
 #define NCASES (int)(sizeof(cases) / sizeof(cases[0]))
 
