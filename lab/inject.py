@@ -55,6 +55,9 @@ class Injection:
     kprobe: tuple[str, str] | None = None
     mask: int = 0
     only_when: int = 0  # with mask: only calls whose third argument has all these bits
+    # the module's switched_only: TARGET(vcpu) is skipped only when the active guest_mmu's
+    # root changed since that vCPU's last call
+    switched_only: bool = False
     gdb: bool = True  # False: only the kprobe module puts it in (gdb or not)
     # Helpers `function` calls where newer kernels moved the code (looked in, in order, only
     # when `function` itself has none of it and does call them).
@@ -143,6 +146,15 @@ INJECTIONS: dict[str, Injection] = {
             # INVEPT's KVM_MMU_ROOTS_ALL has all four (a single-context one names one EPTP,
             # which is in one slot at most).
             kprobe=("kvm_mmu_free_roots", "handle_invept"), mask=1, only_when=0xF, gdb=False),
+        Injection(
+            "forget-cached-ncr3", "amd", "kvm_mmu_sync_roots",
+            "SVM's counterpart of forgetting cached roots: the guest_mmu sync that nested VMRUN "
+            "requests is skipped when L1 switched to another nested CR3 whose root KVM had "
+            "cached, and done when the nested CR3 stayed. Only an L2 that runs on a cached "
+            "root after L1 changed that root's NPT sees stale translations.",
+            # Called from vcpu_enter_guest (inlined into vcpu_run on some builds): any caller;
+            # the module looks at guest_mmu itself.
+            kprobe=("kvm_mmu_sync_roots", ""), switched_only=True, gdb=False),
     )
 }
 ALIASES = {"invalidate-too-little": {"amd": "skip-nested-mmu-sync",
@@ -192,7 +204,7 @@ def load_module(ssh: SSHSession, ko: Path, inj: Injection) -> dict[str, Any]:
     remote = f"/tmp/{MODULE}.ko"
     ssh.put(ko, remote)
     r = ssh.run(f"insmod {remote} target={target} caller={caller} mask={inj.mask} "
-                f"only_when={inj.only_when} && "
+                f"only_when={inj.only_when} switched_only={int(inj.switched_only)} && "
                 f"dmesg | grep '{MODULE}:' | tail -1", timeout=120)
     if r.exit_status != 0:
         raise InjectionError(f"{inj.name}: insmod {MODULE} failed: "
@@ -200,6 +212,7 @@ def load_module(ssh: SSHSession, ko: Path, inj: Injection) -> dict[str, Any]:
     return {"name": inj.name, "vendor": inj.vendor, "function": inj.function, "why": inj.why,
             "mechanism": "kprobe module", "module": str(ko), "target": target,
             "caller": caller, "mask": inj.mask, "only_when": inj.only_when,
+            "switched_only": inj.switched_only,
             "loaded": r.stdout.strip(), "patches": []}
 
 

@@ -179,7 +179,8 @@ class TraceProbes:
             cmds.append(f"[ -d {TRACE}/events/{GROUP}/{ev} ] && "
                         f"echo 1 > {TRACE}/events/{GROUP}/{ev}/enable")
         cmds.append(f"echo 1 > {TRACE}/tracing_on")
-        # The trace clock ("local", seconds since boot) against the host's, to place hits.
+        # The trace clock ("global": seconds since boot, like "local") against the host's,
+        # to place hits.
         cmds.append("cut -d' ' -f1 /proc/uptime")
         out = self._sh("; ".join(cmds) + "; true")
         host_now = time.monotonic() - self.t0

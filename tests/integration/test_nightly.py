@@ -44,8 +44,8 @@ def cases(rep: dict[str, Any]) -> dict[str, str]:
 def test_nightly_passes(nightly: tuple[Path, int, dict[str, Any]]) -> None:
     _, code, summary = nightly
     assert code == 0, summary
-    assert [r["met"] for r in summary["runs"]] == [True] * 10
-    assert [r["status"] for r in summary["runs"]] == ["passed"] * 5 + ["failed"] * 5
+    assert [r["met"] for r in summary["runs"]] == [True] * 11
+    assert [r["status"] for r in summary["runs"]] == ["passed"] * 5 + ["failed"] * 6
 
 
 def test_nested_playbook_in_the_suite(nightly: tuple[Path, int, dict[str, Any]]) -> None:
@@ -178,7 +178,7 @@ def test_the_cached_root_bug_is_caught_by_the_cached_root_cases_only(
     assert run["met"], run["why"]
     # The suite's specificity table: every variant caught by some case, each by its own.
     spec = nightly[2]["specificity"]
-    assert len(spec) == 5 and all("caught" in col.values() for col in spec.values()), spec
+    assert len(spec) == 6 and all("caught" in col.values() for col in spec.values()), spec
     col = spec["free-current-only (invept-vmx-free-current-only)"]
     assert col["vmx/cached-root-single"] == "caught"
     assert col["vmx/remap-invept-single"] == "not caught"
@@ -231,6 +231,17 @@ def test_svm_probe_checks_hold_clean_and_fail_where_the_guest_is_blind(
         ["passed"] * 3
     run = next(x for x in nightly[2]["runs"] if x["playbook"].endswith("svm-bug-injected.yaml"))
     assert run["met"], run["why"]
+    # SVM's counterpart of forgetting cached roots: only the runs right after a nested CR3
+    # switch go unsynced, and only the cases that switch see it.
+    cached = sub_report(nightly[2], "invept-svm-forget-cached-ncr3")
+    assert cached["injection"]["switched_only"] is True
+    checks = {c["name"]: c for c in cached["checks"]}
+    syncs = checks["nested-vmrun-syncs-guest-mmu"]
+    assert syncs["status"] == "failed", syncs
+    assert syncs["saw"]["without_sync"] == syncs["saw"]["without_sync_after_a_nested_cr3_switch"]
+    svm = cases(cached)
+    assert {n for n, st in svm.items() if st == "failed"} == {
+        "svm/cached-root", "svm/cached-root-deep"}, svm
 
 
 def test_injected_bug_is_caught(nightly: tuple[Path, int, dict[str, Any]]) -> None:
@@ -276,7 +287,7 @@ def test_one_junit_for_the_ci_server(nightly: tuple[Path, int, dict[str, Any]]) 
     assert names == ["smoke", "nested", "invept", "invept-vmx", "invept-svm",
                      "invept-bug-injected", "invept-vmx-bug-injected",
                      "invept-vmx-free-current-only", "invept-vmx-global-as-single",
-                     "invept-svm-bug-injected"]
+                     "invept-svm-bug-injected", "invept-svm-forget-cached-ncr3"]
     assert sum(int(s.get("failures", "0")) for s in root.findall("testsuite")) == 0
 
 

@@ -3,6 +3,7 @@ must all end in a one-line UsageError (exit 2), never in another exception."""
 
 from __future__ import annotations
 
+import copy
 import random
 from pathlib import Path
 from typing import Any
@@ -36,12 +37,13 @@ def _mutate(doc: Any, rng: random.Random) -> Any:
         parent = parent[p]
     key = path[-1]
     what = rng.randrange(3)
+    # A copy: the same [] or {} put in twice would let a later mutation nest it in itself.
     if what == 0:
-        parent[key] = rng.choice(JUNK)
+        parent[key] = copy.deepcopy(rng.choice(JUNK))
     elif what == 1 and isinstance(parent, dict):
         del parent[key]
     elif isinstance(parent, dict):
-        parent[f"unknown_{rng.randrange(99)}"] = rng.choice(JUNK)
+        parent[f"unknown_{rng.randrange(99)}"] = copy.deepcopy(rng.choice(JUNK))
     return doc
 
 

@@ -15,13 +15,20 @@
  * works for int3 and ftrace-based kprobes alike, and the target's return address leads back
  * into its caller. TARGET must return void (its caller expects nothing in %rax).
  *
+ * With `switched_only` (SVM's counterpart of forgetting a cached root), TARGET is
+ * kvm_mmu_sync_roots(vcpu) and returns at once only when L2's guest_mmu is the active MMU and
+ * its current root is not the one this vCPU synced last time: the nested CR3 was switched, to
+ * a root KVM had cached (a fresh root has nothing to sync). An empty CALLER means any caller.
+ *
  * /sys/module/lab_inject/parameters/skipped counts the calls skipped so far.
  */
 #include <linux/atomic.h>
 #include <linux/kallsyms.h>
 #include <linux/kernel.h>
 #include <linux/kprobes.h>
+#include <linux/kvm_host.h>
 #include <linux/module.h>
+#include <linux/version.h>
 
 static char target[KSYM_NAME_LEN] = "kvm_mmu_free_roots";
 module_param_string(target, target, sizeof(target), 0444);
@@ -38,7 +45,45 @@ static unsigned long only_when;
 module_param(only_when, ulong, 0444);
 MODULE_PARM_DESC(only_when, "with mask: mask only calls whose third argument has all these bits");
 
+static bool switched_only;
+module_param(switched_only, bool, 0444);
+MODULE_PARM_DESC(switched_only, "TARGET(vcpu) returns at once only when the active guest_mmu's "
+		 "root changed since this vCPU's last call");
+
 static atomic_long_t skipped_calls;
+
+/* The root each vCPU's guest_mmu had at its last call (a few vCPUs at a time here). */
+static struct { struct kvm_vcpu *vcpu; u64 pgd; } seen[16];
+
+static bool guest_root_switched(struct kvm_vcpu *vcpu)
+{
+	struct kvm_mmu *mmu = vcpu->arch.mmu;
+	int i, slot = -1;
+	bool changed = false;
+	u64 pgd;
+
+	if (mmu != &vcpu->arch.guest_mmu)
+		return false;
+#if LINUX_VERSION_CODE >= KERNEL_VERSION(5, 18, 0)
+	pgd = mmu->root.pgd;
+#else
+	pgd = mmu->root_pgd;
+#endif
+	for (i = 0; i < ARRAY_SIZE(seen); i++) {
+		if (seen[i].vcpu == vcpu) {
+			slot = i;
+			changed = seen[i].pgd != pgd;
+			break;
+		}
+		if (!seen[i].vcpu && slot < 0)
+			slot = i;
+	}
+	if (slot < 0)
+		slot = 0;
+	seen[slot].vcpu = vcpu;
+	seen[slot].pgd = pgd;
+	return changed;
+}
 static int get_skipped(char *buf, const struct kernel_param *kp)
 {
 	return sysfs_emit(buf, "%ld\n", atomic_long_read(&skipped_calls));
@@ -58,7 +103,9 @@ static int pre(struct kprobe *p, struct pt_regs *regs)
 	/* At the target's first instruction the stack's top is its return address. */
 	unsigned long ret = *(unsigned long *)kernel_stack_pointer(regs);
 
-	if (ret < caller_start || ret >= caller_end)
+	if (caller_end && (ret < caller_start || ret >= caller_end))
+		return 0;
+	if (switched_only && !guest_root_switched((struct kvm_vcpu *)regs->di))
 		return 0;
 	if (mask) {
 		if ((regs->dx & only_when) != only_when)
@@ -99,7 +146,7 @@ static int locate_caller(void)
 
 static int __init lab_inject_init(void)
 {
-	int r = locate_caller();
+	int r = caller[0] ? locate_caller() : 0;
 
 	if (r) {
 		pr_err("lab_inject: cannot find caller %s: %d\n", caller, r);
@@ -116,8 +163,10 @@ static int __init lab_inject_init(void)
 			"called from %s (%#lx-%#lx)\n", target, mask, only_when, caller, caller_start,
 			caller_end);
 	else
-		pr_info("lab_inject: %s returns at once when called from %s (%#lx-%#lx)\n",
-			target, caller, caller_start, caller_end);
+		pr_info("lab_inject: %s returns at once when called from %s (%#lx-%#lx)%s\n",
+			target, caller[0] ? caller : "anywhere", caller_start, caller_end,
+			switched_only ? " and guest_mmu's root switched since the vCPU's last call" :
+			"");
 	return 0;
 }
 
