@@ -223,22 +223,34 @@ class SSHSession:
 
     def _exec(self, command: str, timeout: float,
               check: Callable[[], None] | None) -> paramiko.Channel:
-        """A channel running `command`. A channel that the server closed before it answered
-        the request (dropbear, right after an SFTP transfer: "Channel is not open", "Channel
-        closed.") did not start it: once more on a new channel."""
-        for attempt in (1, 2):
+        """A channel running `command` (once more on a new channel if the server closed the
+        first before it answered: see _once_more)."""
+        def attempt() -> paramiko.Channel:
             chan = self._open_session(timeout, check)
             try:
                 _bounded(functools.partial(chan.exec_command, command), timeout,
                          f"{self.level}: the request to run `{command[:60]}`", chan)
-                return chan
-            except paramiko.SSHException as e:
+            except paramiko.SSHException:
                 chan.close()
-                if attempt == 2 or not _closed_unanswered(e):
-                    raise SSHError(f"{self.level}: cannot run `{command[:60]}`: {e}",
-                                   level=self.level) from None
-                log.info(f"{self.level}: the channel closed before it took the command; "
-                         "once more")
+                raise
+            return chan
+
+        chan: paramiko.Channel = self._once_more(attempt, f"cannot run `{command[:60]}`")
+        return chan
+
+    def _once_more(self, attempt: Callable[[], Any], what: str) -> Any:
+        """`attempt` (open a channel and make one request on it), once more when the server
+        closed the channel before it answered the request: it did not take it. dropbear does
+        so right after an SFTP transfer ("Channel is not open", "Channel closed."), for an
+        exec and for the next SFTP subsystem request alike."""
+        for n in (1, 2):
+            try:
+                return attempt()
+            except paramiko.SSHException as e:
+                if n == 2 or not _closed_unanswered(e):
+                    raise SSHError(f"{self.level}: {what}: {e}", level=self.level) from None
+                log.info(f"{self.level}: the channel closed before it took the request "
+                         f"({what}); once more")
         raise AssertionError("not reached")
 
     def _open_session(self, timeout: float,
@@ -277,21 +289,13 @@ class SSHSession:
 
     # -- files -----------------------------------------------------------------------------
     def _sftp(self) -> paramiko.SFTPClient:
-        """An SFTP session; like a command's channel (_exec), one the server closed before it
-        answered the subsystem request (dropbear, right after another SFTP transfer: seen in
-        CI for a get() right after a put()) is asked for once more."""
-        for attempt in (1, 2):
-            transport = self.require()
-            try:
-                sftp = _bounded(functools.partial(paramiko.SFTPClient.from_transport,
-                                                  transport), 120,
-                                f"{self.level}: opening SFTP", None)
-                break
-            except paramiko.SSHException as e:
-                if attempt == 2 or not _closed_unanswered(e):
-                    raise SSHError(f"{self.level}: cannot open SFTP: {e}",
-                                   level=self.level) from None
-                log.info(f"{self.level}: the SFTP channel closed before it opened; once more")
+        """An SFTP session (once more if the server closed the channel before it answered
+        the subsystem request: seen in CI for a get() right after a put())."""
+        sftp = self._once_more(
+            lambda: _bounded(functools.partial(paramiko.SFTPClient.from_transport,
+                                               self.require()), 120,
+                             f"{self.level}: opening SFTP", None),
+            "cannot open SFTP")
         if sftp is None:
             raise SSHError(f"{self.level}: no SFTP subsystem", level=self.level)
         chan = sftp.get_channel()
