@@ -19,7 +19,7 @@ from types import FrameType
 from lab import doctor, driver, procs, running, signals
 from lab.cache import cache_root
 from lab.errors import EXIT_INFRA, EXIT_USAGE, Aborted, LabError, UsageError
-from lab.profiles import PROFILES
+from lab.profiles import LA57_CHOICES, PROFILES
 
 log = logging.getLogger("lab")
 DESCRIPTION = ("A nested-virtualization lab for KVM developers: L0 -> L1 -> L2, probes in L0's "
@@ -320,6 +320,10 @@ def build_parser() -> argparse.ArgumentParser:
                             "trixie, bookworm-backports, sid), or of an exact ABI (6.1.0-47)")
         r.add_argument("--latest", action="store_true",
                        help="the kernels the archive has now, not those pinned in the lock file")
+        r.add_argument("--la57", choices=LA57_CHOICES, default="auto",
+                       help="L0's CPU with LA57, 5-level paging (default auto: without it "
+                            "for SVM L0 kernels older than 6.1, which misread L1's 5-level "
+                            "nested page tables)")
         r.add_argument("--kvm-unit-tests", metavar="DIR",
                        help="your kvm-unit-tests build, for the playbook's kvm_unit_tests steps "
                             "(default: kvm_unit_tests in the config file)")

@@ -93,6 +93,7 @@ class Inputs:
     # L0's debug symbols where nothing needs them: None fetches them if the archive serves
     # them (for `lab gdb`, decoded events); False does not (a bisect step).
     debug: bool | None = None
+    la57: str = "auto"  # L0's CPU with LA57: auto | on | off (lab/profiles.py)
 
     @classmethod
     def from_namespace(cls, args: Any) -> Inputs:
@@ -103,7 +104,7 @@ class Inputs:
         return cls(kernel_tree=kernel_tree(args.kernel_tree),
                    kvm_unit_tests=Path(kut).expanduser().resolve() if kut else None,
                    debian=DebianChoice.parse(args.kernel, "--kernel") if args.kernel else None,
-                   latest=args.latest)
+                   latest=args.latest, la57=args.la57)
 
     def argv(self) -> list[str]:
         """These inputs as `lab` options (for `lab up`'s background half, and CI jobs)."""
@@ -116,6 +117,8 @@ class Inputs:
             out += ["--kvm-unit-tests", str(self.kvm_unit_tests)]
         if self.latest:
             out.append("--latest")
+        if self.la57 != "auto":
+            out += ["--la57", self.la57]
         return out
 
     def check(self, pb: playbook.Playbook) -> None:

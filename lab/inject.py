@@ -62,26 +62,47 @@ class Injection:
     # Helpers `function` calls where newer kernels moved the code (looked in, in order, only
     # when `function` itself has none of it and does call them).
     moved_to: tuple[str, ...] = ()
+    # Where kernels without `function` do the same work (looked in, in order, with the same
+    # helpers): 5.10 has no nested_vmcb02_prepare_control.
+    older: tuple[str, ...] = ()
 
     def locate(self, gdb: GdbSession) -> list[Patch]:
         if not self.gdb:
             raise InjectionError(f"{self.name} goes in by the kprobe module only (it changes "
                                  "an argument, which a code patch cannot)")
-        insns = disassemble(gdb, self.function)
+        function, insns = self._first_present(gdb)
         if self.name != "skip-nested-mmu-sync":
             return self._locate_calls(insns, "kvm_mmu_free_roots")
-        patches = self._locate_request(gdb, insns, KVM_REQ_MMU_SYNC, self.function)
+        patches = self._locate_request(gdb, insns, KVM_REQ_MMU_SYNC, function)
         for helper in self.moved_to:
-            if patches or not any(f"<{helper}>" in _text(i) for i in insns
-                                  if _text(i).startswith("call")):
+            if patches:
                 break
-            patches = self._locate_request(gdb, disassemble(gdb, helper), KVM_REQ_MMU_SYNC,
-                                           helper)
+            if any(f"<{helper}>" in _text(i) for i in insns if _text(i).startswith("call")):
+                patches = self._locate_request(gdb, disassemble(gdb, helper),
+                                               KVM_REQ_MMU_SYNC, helper)
         if len(patches) != 1:
-            where = " or ".join((self.function, *self.moved_to))
+            where = " or ".join((function, *self.moved_to))
             raise InjectionError(f"{self.name}: expected one KVM_REQ_MMU_SYNC request in "
                                  f"{where}, found {len(patches)}")
         return patches
+
+    def _first_present(self, gdb: GdbSession) -> tuple[str, list[dict[str, Any]]]:
+        """`function`, or the first of `older` this kernel has, disassembled."""
+        candidates = (self.function, *self.older)
+        for f in candidates:
+            try:
+                return f, disassemble(gdb, f)
+            except InjectionError:
+                if f == candidates[-1]:
+                    if len(candidates) == 1:
+                        raise
+                    raise InjectionError(
+                        f"{self.name}: none of {', '.join(candidates)} is in this kernel: the "
+                        "code path this injection patches is not there (never patched "
+                        "blind)") from None
+                log.info(f"{self.name}: no {f} in this kernel; looking in the next of "
+                         f"{', '.join(candidates)}")
+        raise AssertionError("unreachable")
 
     def _locate_request(self, gdb: GdbSession, insns: list[dict[str, Any]],
                         request: int, function: str) -> list[Patch]:
@@ -124,7 +145,11 @@ INJECTIONS: dict[str, Injection] = {
             "KVM_REQ_MMU_SYNC alone. Without it, leaves L0 has let go unsync keep their old "
             "translation: the SVM twin of the seed's INVEPT bug. From 6.12 the request is in "
             "nested_svm_transition_tlb_flush, which #VMEXIT calls too: both lose it.",
-            moved_to=("nested_svm_transition_tlb_flush",)),
+            # 5.10 requests the sync in __kvm_mmu_new_pgd, which kvm_init_shadow_npt_mmu
+            # calls at every nested VMRUN; it also serves shadow-paged L2s' CR3 loads
+            # (nested_svm_load_cr3 without NPT), so on 5.10 those lose their sync too.
+            moved_to=("nested_svm_transition_tlb_flush", "__kvm_mmu_new_pgd"),
+            older=("kvm_init_shadow_npt_mmu",)),
         Injection(
             "skip-invept-free-roots", "intel", "handle_invept",
             "The seed's bug: handle_invept() decides which guest_mmu roots L1's INVEPT "

@@ -9,6 +9,7 @@ watch.py, symbols.py, inject.py, access.py); this module is where they meet, in 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime
 import functools
 import logging
@@ -261,6 +262,8 @@ class Lab:
                 "image": st.image.dir.name,
                 "kernel": {**st.image.manifest["kernel"], **_pin(recipe.kernel)},  # type: ignore[dict-item]
                 "memory_mb": st.level.memory_mb, "cpus": st.level.cpus, "timeline": {}}
+            if name == "l0":
+                self._choose_la57(st)
         self.report.levels = {n: self.report.levels[n] for n in self.levels}  # topology order
         # The KVM selftests of each level's kernel that a step runs, built before anything
         # boots: a test the kernel does not have is an error now, not after the boot.
@@ -270,6 +273,20 @@ class Lab:
             kernel = self.recipes[step.on].kernel
             built = self.selftests_built[step.on] = selftests.build(kernel, self.cache)
             built.select(step.selftests.tests, self.profile.vendor, step.selftests.where)
+
+    def _choose_la57(self, st: LevelState) -> None:
+        """L0's CPU with or without LA57, now that L0's kernel release is known."""
+        assert st.image is not None
+        release = str(st.image.manifest["kernel"].get("release", ""))  # type: ignore[union-attr]
+        choice = self.inputs.la57
+        if choice == "auto" and "l1" not in self.levels:
+            choice = "on"  # no L1 of the lab's to build a 5-level nested page table
+        on, why = self.profile.la57_for(choice, release)
+        st.level = dataclasses.replace(st.level, la57=on)
+        self.report.levels["l0"]["la57"] = on
+        if why:
+            self.report.levels["l0"]["la57_why"] = why
+            log.info(f"l0: {why}")
 
     # -- boot ------------------------------------------------------------------------------
     def boot(self) -> None:

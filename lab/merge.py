@@ -124,13 +124,15 @@ def summary(name: str, suite_path: Path, merged: list[Merged],
             "run_dir": str(m.run_dir) if m.run_dir else None, "boot_s": _boot_s(m.report),
             "seconds": rep.get("phases", {}).get("total"),
             "l0_kernel": (rep.get("levels", {}).get("l0", {}).get("kernel") or {}).get("release"),
+            # How the cell's L0 differed from the playbook's (a CPU without LA57)
+            "note": rep.get("levels", {}).get("l0", {}).get("la57_why"),
             "cases": _cases(rep)})
     for cell, why in left_out or []:
         cells.append({
             "key": cell.key, "playbook": cell.name, "profile": cell.profile,
             "kernel": cell.kernel.label, "expect": cell.expect, "met": True,
             "why": f"skipped: {why}", "status": "skipped", "exit_status": None, "run_dir": None,
-            "boot_s": None, "seconds": None, "l0_kernel": None, "cases": {}})
+            "boot_s": None, "seconds": None, "l0_kernel": None, "note": None, "cases": {}})
     if any(c["status"] == "error" for c in cells):
         code = EXIT_INFRA
     elif all(c["met"] for c in cells):

@@ -6,9 +6,20 @@ virtualization extension (vmx or svm) and the matching KVM module.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from lab.events import Expected
+
+# `--la57` for L0's CPU: auto (below), on (as the CPU model has it), off (without it).
+LA57_CHOICES = ("auto", "on", "off")
+# The oldest L0 series seen walking L1's 5-level nested page table right under SVM (6.1).
+# Debian's 5.10 walks it as deep as L2's own paging is, not as L1 built it: 4 levels while
+# L2 starts in real mode (so L2 faults at its reset vector forever: the NPF goes to L1, whose
+# NPT has the page), 5 once L2 turns LA57 on over an L1 without it (kvmmmu walk traces,
+# 2026-12). L1 has 5-level paging whenever L0's CPU offers LA57 (TCG's `max` does), so
+# `--la57 auto` takes LA57 from the CPU of an older SVM L0; `--la57 on` shows the bug.
+LA57_NESTED_NPT_FROM = (6, 1)
 
 
 @dataclass(frozen=True)
@@ -68,6 +79,23 @@ class Profile:
         XSAVE there and their consoles stay clean for real warnings.
         """
         return "host,-xsave" if self.accel == "tcg" else "host"
+
+    def l0_cpu_with(self, la57: bool) -> str:
+        """L0's CPU, with or without LA57 (5-level paging), which the levels below inherit
+        through `-cpu host`. Bochs's CPU models have no LA57 to take away."""
+        return self.l0_cpu if la57 or self.machine != "qemu" else f"{self.l0_cpu},-la57"
+
+    def la57_for(self, choice: str, release: str) -> tuple[bool, str]:
+        """Whether L0's CPU offers LA57 under `--la57 choice` with L0's kernel `release`, and
+        why not when auto says no."""
+        if choice != "auto":
+            return choice == "on", ""
+        m = re.match(r"(\d+)\.(\d+)", release)
+        if self.vendor == "amd" and m and (int(m[1]), int(m[2])) < LA57_NESTED_NPT_FROM:
+            return False, (f"L0's CPU without LA57: {release} walks L1's 5-level nested page "
+                           "table as deep as L2's paging is, not as L1 built it "
+                           "(--la57 on to see it)")
+        return True, ""
 
     def nested_accel(self) -> str:
         return "kvm"

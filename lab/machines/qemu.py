@@ -109,7 +109,8 @@ def l0_spec(req: L0Request, ssh_port: int) -> VMSpec:
     saved-lab key is built from it)."""
     p = req.profile
     return VMSpec(
-        level="l0", accel=p.accel, cpu=p.l0_cpu, memory_mb=req.level.memory_mb,
+        level="l0", accel=p.accel, cpu=p.l0_cpu_with(req.level.la57),
+        memory_mb=req.level.memory_mb,
         cpus=req.level.cpus, kernel=str(req.kernel), initrd=str(req.initrd),
         append=req.append, ssh_port=ssh_port,
         # ttyS0 is L0's own console; ttyS1 and ttyS2 relay L1's and L2's to the host.

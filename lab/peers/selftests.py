@@ -74,7 +74,7 @@ class Built:
         return names
 
 
-def _source(kernel: KernelSource, cache: Path, work: Path) -> Path:
+def source_tree(kernel: KernelSource, cache: Path, work: Path) -> Path:
     """The kernel's source tree: unpacked from Debian's linux-source package into `work`, or
     the build tree itself (its headers_install runs there, as `make headers` would; the
     selftests' objects and binaries go to the cache)."""
@@ -146,7 +146,7 @@ def _build(kernel: KernelSource, cache: Path, out: Path, release: str) -> None:
     work.mkdir(parents=True)
     logfile = tmp / "build.log"
     try:
-        src = _source(kernel, cache, work)
+        src = source_tree(kernel, cache, work)
         log.info(f"building the KVM selftests of {release} (once per kernel)")
         hdr = work / "usr"
         _make(["make", "-s", "-C", str(src), f"INSTALL_HDR_PATH={hdr}", "headers_install"],

@@ -137,3 +137,18 @@ def test_a_suites_matrix_names_no_host_path(tmp_path: Path) -> None:
                         str(tmp_path / "run")], capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and "a suite names kernels, not host paths" in r.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_a_cell_whose_l0_went_without_la57_says_so(tmp_path: Path) -> None:
+    entry = suite.Entry(ROOT / "playbooks" / "nested.yaml", "passed")
+    k = matrix.Kernel("5.10", debian=DebianChoice.parse(matrix.SERIES["5.10"], "t"))
+    cell = matrix.Cell(entry.playbook, "nested", "tcg-svm", k, entry)
+    why = "L0's CPU without LA57: 5.10.0-32-cloud-amd64 walks ..."
+    rep = {"name": "nested", "profile": "tcg-svm", "status": "passed", "exit_status": 0,
+           "steps": [], "phases": {}, "run_dir": str(tmp_path),
+           "levels": {"l0": {"la57": False, "la57_why": why}}}
+    summ = merge.summary("s", ROOT / "playbooks" / "kernels.yaml",
+                         [merge.Merged(cell, tmp_path, rep)], [k])
+    assert summ["cells"][0]["note"] == why
+    merge.write(tmp_path / "out", summ, [merge.Merged(cell, tmp_path, rep)], "s")
+    assert "without LA57" in (tmp_path / "out" / "report.html").read_text()

@@ -65,3 +65,17 @@ def test_profiles() -> None:
     assert (svm.kvm_module, svm.tdp_param, svm.virt_flag) == ("kvm_amd", "npt", "svm")
     assert tcg.accel == "tcg" and tcg.vendor == "amd"
     assert vmx.nested_cpu() == "host" and vmx.l0_cpu == "host"
+
+
+def test_la57_auto_takes_it_from_an_svm_l0_older_than_6_1_only() -> None:
+    svm, vmx, bochs = PROFILES["tcg-svm"], PROFILES["kvm-vmx"], PROFILES["bochs-vmx"]
+    on, why = svm.la57_for("auto", "5.10.0-32-cloud-amd64")
+    assert not on and "5.10.0-32-cloud-amd64" in why and "--la57 on" in why
+    assert svm.la57_for("auto", "6.1.0-57-cloud-amd64") == (True, "")
+    assert svm.la57_for("auto", "7.2.13+deb14-cloud-amd64") == (True, "")
+    assert svm.la57_for("on", "5.10.0-32-cloud-amd64") == (True, "")  # to see the bug
+    assert svm.la57_for("off", "6.1.0-57-cloud-amd64") == (False, "")
+    assert vmx.la57_for("auto", "5.10.0-32-amd64") == (True, "")  # EPTP says its depth
+    assert svm.la57_for("auto", "not-a-version") == (True, "")
+    assert svm.l0_cpu_with(False) == "max,-la57" and svm.l0_cpu_with(True) == "max"
+    assert bochs.l0_cpu_with(False) == bochs.l0_cpu  # a Bochs model, no QEMU flags
