@@ -59,7 +59,7 @@ def main() -> int:
     ap.add_argument("--fresh", action="store_true", help="unpack and build again")
     ap.add_argument("--debug-info", action="store_true",
                     help="build with DWARF (needed for gdb/tracefs probes; slower)")
-    ap.add_argument("--playbook", default="playbooks/smoke.yaml")
+    ap.add_argument("--playbook", default="playbooks/nested.yaml")
     ap.add_argument("-j", type=int, default=os.cpu_count() or 1)
     args = ap.parse_args()
     missing = [t for t in BUILD_TOOLS if shutil.which(t) is None]

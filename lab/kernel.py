@@ -463,11 +463,16 @@ def module_index(root: Path) -> dict[str, Path]:
 
 
 def builtin_modules(root: Path) -> set[str]:
-    """Modules built into the kernel (modules.builtin beside the modules' `kernel/` tree): a
-    recipe may name them (virtio_net is a module in one kernel, built in in another)."""
-    try:
-        text = (root.parent / "modules.builtin").read_text()
-    except OSError:
+    """Modules built into the kernel (modules.builtin beside a package's `kernel/` tree, or at
+    the top of a build tree): a recipe may name them (virtio_net is a module in one kernel,
+    built in in another; a defconfig tree's i915 forces ACPI's button in)."""
+    for where in (root / "modules.builtin", root.parent / "modules.builtin"):
+        try:
+            text = where.read_text()
+            break
+        except OSError:
+            continue
+    else:
         return set()
     return {Path(ln.strip()).name.split(".ko")[0].replace("-", "_")
             for ln in text.splitlines() if ln.strip()}

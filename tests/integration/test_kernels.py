@@ -46,6 +46,23 @@ def test_matrix_over_kernel_series(tmp_path: Path) -> None:
     assert "6.12" in html and "7.x" in html and "smoke" in html
 
 
+def test_5_10_runs_l2_on_a_cpu_without_la57(tmp_path: Path) -> None:
+    """Debian's 5.10 as L0 walks L1's 5-level nested page table 4 levels deep while L2 is in
+    real mode, so L2 never leaves its reset vector when L1 has LA57: `--la57 auto` (the
+    default) gives such an L0 a CPU without it, and the whole chain comes up."""
+    out = tmp_path / "run"
+    r = lab("run", "playbooks/nested.yaml", "--kernel", "debian:bullseye/5.10.0-32",
+            "--out", str(out), timeout=1200)
+    rep = json.loads((out / "report.json").read_text())
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    l0 = rep["levels"]["l0"]
+    assert l0["kernel"]["release"].startswith("5.10.0-32")
+    assert l0["la57"] is False and "walks L1's 5-level nested page table" in l0["la57_why"]
+    assert "without LA57" in (out / "lab.log").read_text()
+    assert [s["status"] for s in rep["steps"] if s["level"] == "l2"] == ["passed"]
+    assert not qemu_pids(str(out))
+
+
 def test_bisect_finds_the_planted_regression(tmp_path: Path) -> None:
     out = tmp_path / "b"
     r = lab("bisect", str(ROOT / "tests" / "data" / "bisect-oracle.yaml"),

@@ -131,3 +131,9 @@ def test_builtin_modules_are_read(tmp_path: Path) -> None:
                                               "kernel/drivers/virtio/virtio-pci.ko\n")
     assert builtin_modules(tmp_path / "kernel") == {"virtio_net", "virtio_pci"}
     assert builtin_modules(tmp_path / "elsewhere" / "kernel") == set()
+
+
+def test_builtin_modules_of_a_build_tree_are_read_at_its_top(tmp_path: Path) -> None:
+    # `make modules` writes modules.builtin at the top of the tree, which is the module root
+    (tmp_path / "modules.builtin").write_text("kernel/drivers/acpi/button.ko\n")
+    assert builtin_modules(tmp_path) == {"button"}
