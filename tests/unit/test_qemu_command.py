@@ -79,3 +79,16 @@ def test_la57_auto_takes_it_from_an_svm_l0_older_than_6_1_only() -> None:
     assert svm.la57_for("auto", "not-a-version") == (True, "")
     assert svm.l0_cpu_with(False) == "max,-la57" and svm.l0_cpu_with(True) == "max"
     assert bochs.l0_cpu_with(False) == bochs.l0_cpu  # a Bochs model, no QEMU flags
+
+
+def test_la57_choice_reaches_lab_up_background_half_and_ci_jobs() -> None:
+    from lab.cli import build_parser
+    from lab.driver import Inputs
+
+    p = build_parser()
+    for cmd in ("run", "up", "_serve"):
+        args = p.parse_args([cmd, "playbooks/nested.yaml", "--la57", "on"])
+        inputs = Inputs.from_namespace(args)
+        assert inputs.la57 == "on" and inputs.argv()[-2:] == ["--la57", "on"]
+    auto = Inputs.from_namespace(p.parse_args(["run", "playbooks/nested.yaml"]))
+    assert auto.la57 == "auto" and "--la57" not in auto.argv()
