@@ -14,11 +14,13 @@ from lab.events import Expected
 # `--la57` for L0's CPU: auto (below), on (as the CPU model has it), off (without it).
 LA57_CHOICES = ("auto", "on", "off")
 # The oldest L0 series seen walking L1's 5-level nested page table right under SVM (6.1).
-# Debian's 5.10 walks it as deep as L2's own paging is, not as L1 built it: 4 levels while
-# L2 starts in real mode (so L2 faults at its reset vector forever: the NPF goes to L1, whose
-# NPT has the page), 5 once L2 turns LA57 on over an L1 without it (kvmmmu walk traces,
-# 2026-12). L1 has 5-level paging whenever L0's CPU offers LA57 (TCG's `max` does), so
-# `--la57 auto` takes LA57 from the CPU of an older SVM L0; `--la57 on` shows the bug.
+# Debian's 5.10 does not (kvmmmu walk traces, 2026-12): with L2 in real mode it walked L1's
+# 5-level nCR3 4 levels deep, found nothing, and handed the NPF to L1, whose table has the
+# page, so L2 faulted at its reset vector forever; with L1 booted `no5lvl` (a 4-level nCR3)
+# it walked 5 levels deep once L2's kernel ran, and L2 stalled there instead. The depth
+# follows L2's paging, not L1's. L1 has 5-level paging whenever L0's CPU offers LA57 (TCG's
+# `max` does), so `--la57 auto` takes LA57 from the CPU of an older SVM L0 (no level then
+# has it, and every walk is 4 deep); `--la57 on` shows the bug.
 LA57_NESTED_NPT_FROM = (6, 1)
 
 

@@ -100,11 +100,12 @@ def test_invept_vmx_runs_the_vmx_suites_under_bochs(
     ept = {c["name"]: c["status"] for c in steps["bare-metal L1 EPT mutation suite (VMX)"]["cases"]}
     assert {"vmx/remap-invept-single", "vmx/remap-invept-global",
             "vmx/cached-root-single", "vmx/cached-root-global", "vmx/global-cached-root",
-            "vmx/cached-root-deep", "vmx/large-page", "vmx/repoint-table", "vmx/l2-paging",
+            "vmx/cached-root-deep", "vmx/large-page", "vmx/huge-page-1g", "vmx/repoint-table",
+            "vmx/l2-paging",
             "vmx/invvpid-address", "vmx/invvpid-single", "vmx/invvpid-all",
             "vmx/two-vcpus", "vmx/ept-dirty-bit"} <= set(ept), ept
-    # Bochs offers every feature these need (2M EPT pages, VPID and the INVVPID types, EPT
-    # A/D bits): none may skip here, and none may fail on a clean L0.
+    # Bochs offers every feature these need (2M and 1G EPT pages, VPID and the INVVPID types,
+    # EPT A/D bits): none may skip here, and none may fail on a clean L0.
     assert set(ept.values()) == {"passed"}, ept
     # The negative control printed how many cases failed without INVEPT: at least one.
     control = steps["the EPT suite fails without its INVEPTs (negative control)"]
@@ -227,8 +228,8 @@ def test_svm_probe_checks_hold_clean_and_fail_where_the_guest_is_blind(
     svm = cases(bad)
     # Blind by design (non-leaf entries KVM write-protects; no nested paging): they pass
     # while the check fails, which is what the check is for.
-    assert [svm[n] for n in ("svm/large-page", "svm/repoint-table", "svm/invlpga")] == \
-        ["passed"] * 3
+    assert [svm[n] for n in ("svm/large-page", "svm/huge-page-1g", "svm/repoint-table",
+                             "svm/invlpga")] == ["passed"] * 4
     run = next(x for x in nightly[2]["runs"] if x["playbook"].endswith("svm-bug-injected.yaml"))
     assert run["met"], run["why"]
     # SVM's counterpart of forgetting cached roots: only the runs right after a nested CR3

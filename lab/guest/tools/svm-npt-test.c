@@ -173,7 +173,7 @@ static void vmrun(struct vm *vm, uint64_t rip, int tlb_ctl, int asid)
 /* What L0's KVM offers L1 (KVM_GET_SUPPORTED_CPUID 0x8000000A): ASIDs, and FlushByAsid, which
  * TLB_CONTROL 3 and 7 need (APM vol. 2, 15.16.1: without it only 0 and 1 are defined). */
 static uint32_t nasid;
-static int flush_by_asid;
+static int flush_by_asid, gbpages;
 
 static void npt_build(uint8_t *mem, uint64_t root, int data_page)
 {
@@ -445,6 +445,26 @@ static int case_large_page(int kvm, const char *name)
     END(name)
 }
 
+/* huge-page-1g: the same one level up, where L0 offers L1 1G pages: L2's first 1G alternates
+ * between one 1G NPT leaf onto L1's first 1G (X reads LARGE_PATTERN) and the directory and
+ * table below it (X reads data page p). */
+static int case_huge_page_1g(int kvm, const char *name)
+{
+    BEGIN(name)
+    for (long i = 0; i < iterations && n < MAXEXP; i++) {
+        int p = (int)(i / 2) % 4;
+        if (i % 2 == 0) {
+            store(&vm, NPT_A + 0x1000, 0x87);                   /* merge: one 1G leaf */
+        } else {
+            store(&vm, NPT_LEAF(NPT_A), leaf(p, PTE_RW));
+            store(&vm, NPT_A + 0x1000, (NPT_A + 0x2000) | 7);   /* split: the directory */
+        }
+        vmrun(&vm, L2_READ, 1, 1);
+        exp[n++] = READS(i % 2 == 0 ? LARGE_PATTERN : pattern[p]);
+    }
+    END(name)
+}
+
 /* repoint-table: the directory entry for L2's first 2M alternates between root A's leaf table
  * and a second one (ALT_PT); the table out of the tree is rewritten before it comes back, so
  * L0 must not reuse what it shadowed from that page last time. */
@@ -561,6 +581,7 @@ static int case_npt_dirty_bit(int kvm, const char *name)
 struct tcase { const char *name; int (*fn)(int kvm, const char *name); int needs; };
 #define NEEDS_FLUSH_BY_ASID 1
 #define NEEDS_ASIDS 2
+#define NEEDS_1G 3
 
 static int remap_flush_all(int kvm, const char *n) { return case_remap(kvm, n, 1, 0, 0); }
 static int remap_flush_asid(int kvm, const char *n) { return case_remap(kvm, n, 3, 0, 0); }
@@ -579,6 +600,7 @@ static const struct tcase cases[] = {
     { "svm/cached-root", case_cached_root, 0 },
     { "svm/cached-root-deep", case_cached_root_deep, 0 },
     { "svm/large-page", case_large_page, 0 },
+    { "svm/huge-page-1g", case_huge_page_1g, NEEDS_1G },
     { "svm/repoint-table", case_repoint_table, 0 },
     { "svm/l2-paging", case_l2_paging, 0 },
     { "svm/invlpga", case_invlpga, 0 },
@@ -621,6 +643,8 @@ static const char *prepare(void)
         if (cpuid->entries[i].function == 0x8000000a) {
             nasid = cpuid->entries[i].ebx;
             flush_by_asid = (cpuid->entries[i].edx >> 6) & 1;
+        } else if (cpuid->entries[i].function == 0x80000001) {
+            gbpages = (cpuid->entries[i].edx >> 26) & 1;  /* 1G leaves in L1's NPT */
         }
     free(cpuid);
     printf("# L0's KVM offers L1 %u ASIDs, FlushByAsid %s\n", nasid, flush_by_asid ? "yes" : "no");
@@ -632,6 +656,8 @@ static const char *skip_case(int c)
     if (cases[c].needs == NEEDS_FLUSH_BY_ASID && !flush_by_asid)
         return "L0 does not offer L1 FlushByAsid (CPUID 0x8000000A EDX[6]): TLB_CONTROL 3 "
                "and 7 are not defined for it";
+    if (cases[c].needs == NEEDS_1G && !gbpages)
+        return "L0 does not offer L1 1G pages (CPUID 0x80000001 EDX[26])";
     if (cases[c].needs == NEEDS_ASIDS && nasid < 3)
         return "L0 offers L1 fewer than 2 guest ASIDs (CPUID 0x8000000A EBX)";
     return NULL;

@@ -574,6 +574,26 @@ static int case_large_page(const char *name)
     END(name)
 }
 
+/* huge-page-1g: the same one level up, where L0 offers L1 1G EPT pages: L2's first 1G
+ * alternates between one 1G EPT leaf onto L1's first 1G and the directory below it. */
+static int case_huge_page_1g(const char *name)
+{
+    BEGIN(name)
+    for (long i = 0; i < iterations && n < MAXEXP; i++) {
+        int p = (int)(i / 2) % 4;
+        if (i % 2 == 0) {
+            store(&vm, EPT_A + 0x1000, (1ull << 7) | EPT_WB | EPT_RWX);     /* merge */
+        } else {
+            store(&vm, EPT_LEAF(EPT_A), leaf(p, EPT_RWX));
+            store(&vm, EPT_A + 0x1000, (EPT_A + 0x2000) | EPT_RWX);         /* split */
+        }
+        invept(&vm, INVEPT_SINGLE, EPTP(EPT_A));
+        enter(&vm, L2_READ);
+        exp[n++] = READS(i % 2 == 0 ? LARGE_PATTERN : pattern[p]);
+    }
+    END(name)
+}
+
 /* repoint-table: the directory entry for L2's first 2M alternates between EPT_A's leaf table
  * and a second one (ALT_PT); the table out of the tree is rewritten before it comes back. */
 static int case_repoint_table(const char *name)
@@ -728,6 +748,7 @@ struct tcase { const char *name; int (*fn)(const char *); int needs; };
 #define NEEDS_INVVPID_SINGLE 5
 #define NEEDS_INVVPID_ALL 6
 #define NEEDS_AD 7                     /* EPT accessed/dirty flags: bit 21 of the same MSR */
+#define NEEDS_1G 8                     /* 1G EPT pages: bit 17 */
 static const struct tcase cases[] = {
     { "vmx/remap-invept-single", remap_single, NEEDS_SINGLE },
     { "vmx/remap-invept-global", remap_global, NEEDS_GLOBAL },
@@ -739,6 +760,7 @@ static const struct tcase cases[] = {
     { "vmx/global-cached-root", case_global_cached_root, NEEDS_GLOBAL },
     { "vmx/cached-root-deep", case_cached_root_deep, NEEDS_SINGLE },
     { "vmx/large-page", case_large_page, NEEDS_2M },
+    { "vmx/huge-page-1g", case_huge_page_1g, NEEDS_1G },
     { "vmx/repoint-table", case_repoint_table, NEEDS_SINGLE },
     { "vmx/l2-paging", case_l2_paging, NEEDS_SINGLE },
     { "vmx/invvpid-address", invvpid_addr, NEEDS_INVVPID_ADDR },
@@ -808,6 +830,9 @@ static const char *skip_case(int c)
         return "L0 offers no INVEPT single-context";
     if (cases[c].needs == NEEDS_2M && (!single || !((caps.ept_vpid >> 16) & 1)))
         return "L0 offers no 2M EPT pages (or no INVEPT single-context)";
+    if (cases[c].needs == NEEDS_1G)
+        return single && ((caps.ept_vpid >> 17) & 1) ? NULL
+               : "L0 offers no 1G EPT pages (or no INVEPT single-context)";
     if (cases[c].needs == NEEDS_AD) {
         if (!single)
             return "L0 offers no INVEPT single-context";
