@@ -5,6 +5,9 @@ from __future__ import annotations
 import json
 import xml.etree.ElementTree as ET
 from pathlib import Path
+from typing import Any
+
+import pytest
 
 from lab.errors import GuestCrash, error_dict
 from lab.report import Report, StepResult
@@ -93,3 +96,41 @@ def test_capture_keeps_head_and_tail_and_sends_every_byte_on() -> None:
     small = Capture(keep=100)
     small.add(b"hello")
     assert small.text() == "hello"
+
+
+def test_a_suite_runs_a_warm_lab_that_broke_once_more_cold(tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """Only a restored lab's infrastructure error is retried, and only once, cold; a verdict
+    (a failed step) or a cold boot's error stands."""
+    from lab import driver
+    from lab.errors import EXIT_INFRA
+
+    calls: list[bool] = []
+
+    def fake_run(pb: Any, run_dir: Path, profile: Any, inputs: Any, cold: bool = False,
+                 started: float | None = None) -> Report:
+        calls.append(cold)
+        (run_dir / "lab.log").write_text("attempt\n")
+        rep = Report(playbook="p.yaml", name="p", run_dir=str(run_dir))
+        if not cold:  # the restored lab: L1 stopped answering
+            rep.boot = {"mode": "warm"}
+            rep.error = {"kind": "ssh", "message": "l1: Timeout opening channel.",
+                         "exit_status": EXIT_INFRA}
+        else:
+            rep.boot = {"mode": "cold"}
+            rep.status = "passed"
+        return rep
+
+    monkeypatch.setattr(driver, "run_playbook", fake_run)
+    pb = type("PB", (), {"name": "p"})()
+    run_dir = tmp_path / "01-p"
+    run_dir.mkdir()
+    rep = driver.run_unattended(pb, run_dir, None, None, cold=False)  # type: ignore[arg-type]
+    assert calls == [False, True] and rep.exit_status == 0
+    assert rep.boot["retried_cold"]["warm_error"] == "l1: Timeout opening channel."
+    assert (tmp_path / "01-p.warm-failed" / "lab.log").exists()
+    assert json.loads((run_dir / "report.json").read_text())["boot"]["retried_cold"]
+    # A cold run's error is the answer.
+    calls.clear()
+    assert driver.run_unattended(pb, tmp_path / "01-p", None, None,  # type: ignore[arg-type]
+                                 cold=True).exit_status == 0 and calls == [True]
