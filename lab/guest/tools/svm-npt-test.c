@@ -426,18 +426,19 @@ static int case_cached_root_deep(int kvm, const char *name)
     END(name)
 }
 
-/* large-page: split and merge. L2's first 2M alternates between a 2M NPT leaf (X reads L1's
- * own X page: LARGE_PATTERN) and the 4K table (X reads data page p). */
-static int case_large_page(int kvm, const char *name)
+/* large-page and huge-page-1g: split and merge. L2's first 2M (1G) alternates between one
+ * NPT leaf in the directory (the PDPT, where L0 offers L1 1G pages) onto L1's own memory
+ * (X reads L1's X page: LARGE_PATTERN) and the table below it (X reads data page p). */
+static int split_merge(int kvm, const char *name, uint64_t entry, uint64_t below)
 {
     BEGIN(name)
     for (long i = 0; i < iterations && n < MAXEXP; i++) {
         int p = (int)(i / 2) % 4;
         if (i % 2 == 0) {
-            store(&vm, NPT_A + 0x2000, 0x87);                   /* merge: one 2M leaf */
+            store(&vm, entry, 0x87);                            /* merge: one leaf */
         } else {
             store(&vm, NPT_LEAF(NPT_A), leaf(p, PTE_RW));
-            store(&vm, NPT_A + 0x2000, (NPT_A + 0x3000) | 7);   /* split: back to the table */
+            store(&vm, entry, below | 7);                       /* split: back to the table */
         }
         vmrun(&vm, L2_READ, 1, 1);
         exp[n++] = READS(i % 2 == 0 ? LARGE_PATTERN : pattern[p]);
@@ -445,24 +446,14 @@ static int case_large_page(int kvm, const char *name)
     END(name)
 }
 
-/* huge-page-1g: the same one level up, where L0 offers L1 1G pages: L2's first 1G alternates
- * between one 1G NPT leaf onto L1's first 1G (X reads LARGE_PATTERN) and the directory and
- * table below it (X reads data page p). */
-static int case_huge_page_1g(int kvm, const char *name)
+static int case_large_page(int kvm, const char *n)
 {
-    BEGIN(name)
-    for (long i = 0; i < iterations && n < MAXEXP; i++) {
-        int p = (int)(i / 2) % 4;
-        if (i % 2 == 0) {
-            store(&vm, NPT_A + 0x1000, 0x87);                   /* merge: one 1G leaf */
-        } else {
-            store(&vm, NPT_LEAF(NPT_A), leaf(p, PTE_RW));
-            store(&vm, NPT_A + 0x1000, (NPT_A + 0x2000) | 7);   /* split: the directory */
-        }
-        vmrun(&vm, L2_READ, 1, 1);
-        exp[n++] = READS(i % 2 == 0 ? LARGE_PATTERN : pattern[p]);
-    }
-    END(name)
+    return split_merge(kvm, n, NPT_A + 0x2000, NPT_A + 0x3000);
+}
+
+static int case_huge_page_1g(int kvm, const char *n)
+{
+    return split_merge(kvm, n, NPT_A + 0x1000, NPT_A + 0x2000);
 }
 
 /* repoint-table: the directory entry for L2's first 2M alternates between root A's leaf table

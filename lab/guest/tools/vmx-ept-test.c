@@ -554,18 +554,19 @@ static int case_cached_root_deep(const char *name)
     END(name)
 }
 
-/* large-page: split and merge. L2's first 2M alternates between a 2M EPT leaf (X reads L1's
- * own X page: LARGE_PATTERN) and the 4K table (X reads data page p). */
-static int case_large_page(const char *name)
+/* large-page and huge-page-1g: split and merge. L2's first 2M (1G) alternates between one
+ * EPT leaf in the directory (the PDPT, where L0 offers L1 1G pages) onto L1's own memory
+ * (X reads LARGE_PATTERN) and the table below it (X reads data page p). */
+static int split_merge(const char *name, uint64_t entry, uint64_t below)
 {
     BEGIN(name)
     for (long i = 0; i < iterations && n < MAXEXP; i++) {
         int p = (int)(i / 2) % 4;
         if (i % 2 == 0) {
-            store(&vm, EPT_A + 0x2000, (1ull << 7) | EPT_WB | EPT_RWX);     /* merge */
+            store(&vm, entry, (1ull << 7) | EPT_WB | EPT_RWX);             /* merge */
         } else {
             store(&vm, EPT_LEAF(EPT_A), leaf(p, EPT_RWX));
-            store(&vm, EPT_A + 0x2000, (EPT_A + 0x3000) | EPT_RWX);         /* split */
+            store(&vm, entry, below | EPT_RWX);                             /* split */
         }
         invept(&vm, INVEPT_SINGLE, EPTP(EPT_A));
         enter(&vm, L2_READ);
@@ -574,25 +575,8 @@ static int case_large_page(const char *name)
     END(name)
 }
 
-/* huge-page-1g: the same one level up, where L0 offers L1 1G EPT pages: L2's first 1G
- * alternates between one 1G EPT leaf onto L1's first 1G and the directory below it. */
-static int case_huge_page_1g(const char *name)
-{
-    BEGIN(name)
-    for (long i = 0; i < iterations && n < MAXEXP; i++) {
-        int p = (int)(i / 2) % 4;
-        if (i % 2 == 0) {
-            store(&vm, EPT_A + 0x1000, (1ull << 7) | EPT_WB | EPT_RWX);     /* merge */
-        } else {
-            store(&vm, EPT_LEAF(EPT_A), leaf(p, EPT_RWX));
-            store(&vm, EPT_A + 0x1000, (EPT_A + 0x2000) | EPT_RWX);         /* split */
-        }
-        invept(&vm, INVEPT_SINGLE, EPTP(EPT_A));
-        enter(&vm, L2_READ);
-        exp[n++] = READS(i % 2 == 0 ? LARGE_PATTERN : pattern[p]);
-    }
-    END(name)
-}
+static int case_large_page(const char *n) { return split_merge(n, EPT_A + 0x2000, EPT_A + 0x3000); }
+static int case_huge_page_1g(const char *n) { return split_merge(n, EPT_A + 0x1000, EPT_A + 0x2000); }
 
 /* repoint-table: the directory entry for L2's first 2M alternates between EPT_A's leaf table
  * and a second one (ALT_PT); the table out of the tree is rewritten before it comes back. */
