@@ -277,7 +277,7 @@ class Lab:
     def _choose_la57(self, st: LevelState) -> None:
         """L0's CPU with or without LA57, now that L0's kernel release is known."""
         assert st.image is not None
-        release = str(st.image.manifest["kernel"].get("release", ""))  # type: ignore[union-attr]
+        release = st.image.release
         choice = self.inputs.la57
         if choice == "auto" and "l1" not in self.levels:
             choice = "on"  # no L1 of the lab's to build a 5-level nested page table
