@@ -178,8 +178,9 @@ def run_unattended(pb: playbook.Playbook, run_dir: Path, profile: Profile, input
                    cold: bool) -> Report:
     """One playbook of a suite or a matrix, where no one is there to run it again: a restored
     (warm) lab that ends in an infrastructure error is run once more, cold. A saved lab is an
-    artefact of the lab, not of the kernel under test, and one has been seen to leave L1
-    unanswering a few steps after a clean restore (once in several CI runs, cause unknown).
+    artefact of the lab, not of the kernel under test, and L1 has been seen to stop answering
+    a few steps after a clean restore (once in several CI runs; once, too, right after a cold
+    boot, so perhaps not the restore's doing: cause unknown).
     The warm attempt stays beside the run (`RUN.warm-failed/`) and the cold run's report says
     why it was run (`boot.retried_cold`)."""
     rep = run_playbook(pb, run_dir, profile, inputs, cold=cold, started=time.monotonic())
