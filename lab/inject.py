@@ -88,21 +88,17 @@ class Injection:
 
     def _first_present(self, gdb: GdbSession) -> tuple[str, list[dict[str, Any]]]:
         """`function`, or the first of `older` this kernel has, disassembled."""
+        if not self.older:
+            return self.function, disassemble(gdb, self.function)
         candidates = (self.function, *self.older)
         for f in candidates:
             try:
                 return f, disassemble(gdb, f)
             except InjectionError:
-                if f == candidates[-1]:
-                    if len(candidates) == 1:
-                        raise
-                    raise InjectionError(
-                        f"{self.name}: none of {', '.join(candidates)} is in this kernel: the "
-                        "code path this injection patches is not there (never patched "
-                        "blind)") from None
-                log.info(f"{self.name}: no {f} in this kernel; looking in the next of "
-                         f"{', '.join(candidates)}")
-        raise AssertionError("unreachable")
+                log.info(f"{self.name}: no {f} in this kernel")
+        raise InjectionError(f"{self.name}: none of {', '.join(candidates)} is in this kernel: "
+                             "the code path this injection patches is not there (never "
+                             "patched blind)")
 
     def _locate_request(self, gdb: GdbSession, insns: list[dict[str, Any]],
                         request: int, function: str) -> list[Patch]:

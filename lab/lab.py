@@ -9,7 +9,6 @@ watch.py, symbols.py, inject.py, access.py); this module is where they meet, in 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import datetime
 import functools
 import logging
@@ -89,6 +88,7 @@ class Lab:
                        on_owner=self._on_gdbstub_owner, on_hold=self._on_hold)
         self.l0_kernel: KernelSource | None = None  # what a module for L0 is built against
         self.l0_symbols: RunningKernel | None = None
+        self.l0_la57 = True  # L0's CPU with LA57: decided once L0's kernel is known
         self.recipes: dict[str, Recipe] = {}  # level -> its image recipe, as built
         self.selftests_built: dict[str, selftests.Built] = {}  # level -> its kernel's tests
         self.phase = "validate"
@@ -263,7 +263,7 @@ class Lab:
                 "kernel": {**st.image.manifest["kernel"], **_pin(recipe.kernel)},  # type: ignore[dict-item]
                 "memory_mb": st.level.memory_mb, "cpus": st.level.cpus, "timeline": {}}
             if name == "l0":
-                self._choose_la57(st)
+                self._choose_la57(st.image.release)
         self.report.levels = {n: self.report.levels[n] for n in self.levels}  # topology order
         # The KVM selftests of each level's kernel that a step runs, built before anything
         # boots: a test the kernel does not have is an error now, not after the boot.
@@ -274,15 +274,13 @@ class Lab:
             built = self.selftests_built[step.on] = selftests.build(kernel, self.cache)
             built.select(step.selftests.tests, self.profile.vendor, step.selftests.where)
 
-    def _choose_la57(self, st: LevelState) -> None:
+    def _choose_la57(self, release: str) -> None:
         """L0's CPU with or without LA57, now that L0's kernel release is known."""
-        assert st.image is not None
-        release = st.image.release
         choice = self.inputs.la57
         if choice == "auto" and "l1" not in self.levels:
             choice = "on"  # no L1 of the lab's to build a 5-level nested page table
         on, why = self.profile.la57_for(choice, release)
-        st.level = dataclasses.replace(st.level, la57=on)
+        self.l0_la57 = on
         self.report.levels["l0"]["la57"] = on
         if why:
             self.report.levels["l0"]["la57_why"] = why
@@ -325,7 +323,7 @@ class Lab:
             append=machines.kernel_cmdline(self.profile, st.level, nested=False),
             consoles=list(self.levels), run_dir=self.run_dir, sock_dir=self.sock_dir,
             cache=self.cache, hold=self.hold, incoming=incoming,
-            image_modules=mods)
+            image_modules=mods, la57=self.l0_la57)
 
     def launch_l0(self, incoming: bool = False) -> None:
         """Start L0's machine and attach its consoles (incoming: CPUs held for a restore)."""

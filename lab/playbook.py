@@ -133,8 +133,6 @@ class Level:
     qemu: bool = False  # carries QEMU and its firmware even without a child
     image_given: bool = True  # False: `image` is the default, and a profile may choose another
     timeout_given: bool = True  # False: `boot_timeout` is the default, scaled by the profile
-    # L0's CPU offers LA57 (5-level paging) as its model does: the lab decides (`--la57`).
-    la57: bool = True
 
     @property
     def parent(self) -> str | None:

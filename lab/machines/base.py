@@ -42,6 +42,7 @@ class L0Request:
     hold: bool = False  # CPUs held until a debugger continues them
     incoming: bool = False  # CPUs held for a saved lab to be restored into
     image_modules: list[str] = field(default_factory=list)
+    la57: bool = True  # L0's CPU offers LA57 as its model does (`--la57`, Lab._choose_la57)
 
 
 class Machine(Protocol):

@@ -109,7 +109,7 @@ def l0_spec(req: L0Request, ssh_port: int) -> VMSpec:
     saved-lab key is built from it)."""
     p = req.profile
     return VMSpec(
-        level="l0", accel=p.accel, cpu=p.l0_cpu_with(req.level.la57),
+        level="l0", accel=p.accel, cpu=p.l0_cpu_with(req.la57),
         memory_mb=req.level.memory_mb,
         cpus=req.level.cpus, kernel=str(req.kernel), initrd=str(req.initrd),
         append=req.append, ssh_port=ssh_port,
